@@ -1,0 +1,1 @@
+"""Stand-in for ``torchaudio.compliance`` (see the package docstring)."""
