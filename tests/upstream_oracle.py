@@ -19,7 +19,19 @@ def load_upstream() -> ModuleType:
         sys.path.insert(0, str(_SHIM))
     if "torchaudio" in sys.modules and not getattr(sys.modules["torchaudio"], "__version__", "").endswith("stand-in"):
         raise RuntimeError("a real torchaudio was imported before the upstream oracle")
+    _perth_stand_in()
     return importlib.import_module("chatterbox")
+
+
+def _perth_stand_in() -> None:
+    """``ChatterboxTurboTTS.__init__`` builds ``perth.PerthImplicitWatermarker()``; in this
+    environment perth's implicit watermarker is unavailable (the name is ``None``), so
+    ``from_local`` would fail after loading every weight. The watermark is applied to the final
+    audio only and is no part of what we compare: use perth's own ``DummyWatermarker``."""
+    import perth
+
+    if getattr(perth, "PerthImplicitWatermarker", None) is None:
+        perth.PerthImplicitWatermarker = perth.DummyWatermarker
 
 
 def upstream_module(name: str) -> ModuleType:

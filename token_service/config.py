@@ -1,0 +1,45 @@
+"""TokenServiceConfig: every setting of `tts-token-service` (flags > ``TTS_*`` env > defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tts_common.config import REQUIRED, ConfigError, check_positive, setting
+
+TOKEN_ENGINES = ("pytorch", "trtllm")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass
+class TokenServiceConfig:
+    """Token service (T3): text in, speech tokens to the vocoder service, audio relayed back."""
+
+    listen: str = setting("0.0.0.0:50051", "host:port to serve gRPC on")
+    model_dir: str = setting(REQUIRED, "model folder (upstream layout: t3_turbo_v1.safetensors, conds.pt, tokenizer files)")
+    voices_dir: str | None = setting(None, "extra voices as <name>.pt (conds.pt format); default <model-dir>/voices (if it exists)")
+    vocoder_target: str = setting("localhost:50052", "host:port of the vocoder service")
+    engine: str = setting("pytorch", "T3 engine backend", choices=TOKEN_ENGINES)
+    engine_dir: str | None = setting(None, "TensorRT-LLM engine folder (engine=trtllm)")
+    device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:N")
+    dtype: str = setting("auto", "weights dtype: auto, float32, float16, bfloat16")
+    max_streams: int = setting(64, "concurrent Synthesize/StreamTokens streams; more get RESOURCE_EXHAUSTED")
+    drain_seconds: float = setting(20.0, "on SIGTERM: seconds in-flight streams may take to finish")
+    log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+    log_format: str = setting("json", "log format", choices=LOG_FORMATS)
+    max_text_chars: int = setting(20000, "most characters of text one stream may send; more get INVALID_ARGUMENT")
+    max_new_tokens: int = setting(1001, "default and upper cap on speech tokens per sentence (25 per second of audio; upstream: 1001)")
+    kv_slots: int = setting(0, "KV-cache slots of the pytorch engine (static memory per slot); 0 = max-streams")
+    max_seq_len: int = setting(2048, "positions per KV slot: voice prefix + text + speech tokens")
+    max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+
+    def validate(self) -> None:
+        """Fill derived defaults and reject impossible values (raises ``ConfigError``)."""
+        self.log_level = self.log_level.upper()
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)} (--log-level / TTS_LOG_LEVEL)")
+        if self.engine == "trtllm" and not self.engine_dir:
+            raise ConfigError("engine=trtllm needs --engine-dir / TTS_ENGINE_DIR")
+        check_positive(self, "max_streams", "max_text_chars", "max_new_tokens", "max_message_bytes")
+        check_positive(self, "drain_seconds", "kv_slots", allow_zero=True)
+        check_positive(self, "max_seq_len")

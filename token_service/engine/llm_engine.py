@@ -1,0 +1,274 @@
+"""The token engine: continuous batching of T3 generations behind an asyncio API.
+
+A background thread runs the step loop (admit + prefill new sequences, one batched decode step
+for all running ones, release finished ones); results go back to each caller's event loop with
+``loop.call_soon_threadsafe``. Contract (docs/ARCHITECTURE.md)::
+
+    engine.voices() -> list[str]
+    engine.tokenize(text) -> list[int]                 # raises TextError on empty / too long
+    stream = engine.generate(voice, text_ids, SamplingParams(...))
+    async for ids in stream: ...                       # lists of speech ids < 6561, in order
+    await stream.aclose()                              # cancel: the KV slot is free on return
+    engine.stats() -> {"active": ..., "free_slots": ..., ...}
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Sequence as Seq
+
+import torch
+
+from ..t3.config import SPEECH_VOCAB_VALID, STOP_SPEECH
+from ..t3.loader import load_t3, load_voice_conds_all
+from ..t3.model import T3Model
+from ..t3.sampling import SamplingParams
+from ..t3.text import MAX_TEXT_TOKENS, TextError, TextTokenizer
+from ..t3.voice import VoiceConds, VoicePrefix, build_voice_prefix
+from .model_runner import ModelRunner, RunnerShape
+from .scheduler import EngineOverloaded, Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass
+class EngineConfig:
+    """Everything the token engine needs; ``device``/``dtype`` ``"auto"`` = CUDA + bf16 if present, else CPU fp32.
+
+    ``max_seq_len`` bounds prefix + text + 1 + generated tokens per slot; KV memory is
+    ``2 · n_layer · n_embd · max_seq_len · bytes · max_slots`` (Turbo bf16, 2048: 201 MB per slot).
+    """
+
+    model_dir: str | Path
+    voices_dir: str | Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_slots: int = 64
+    max_seq_len: int = 2048
+    max_waiting: int = 256
+    max_prefills_per_step: int = 4
+    cuda_graphs: bool = True
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    kv_bucket: int = 256
+    default_max_new_tokens: int = 1001  # upstream's max_gen_len=1000 -> at most 1001 samples
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            dt = getattr(torch, self.dtype)
+        except AttributeError:
+            dt = None
+        if dt not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        return dt
+
+
+class LLMEngine:
+    """Owns the model, the voices, the scheduler and the step thread."""
+
+    def __init__(self, config: EngineConfig, *, model: T3Model | None = None,
+                 voices: dict[str, VoiceConds] | None = None, tokenizer: TextTokenizer | None = None):
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype(self.device)
+        if model is None:
+            model = load_t3(config.model_dir)
+        self.model = model.drop_unused().to(self.device, self.dtype).eval()
+        self.cfg = self.model.cfg
+        if voices is None:
+            voices = load_voice_conds_all(config.model_dir, config.voices_dir, self.cfg.prompt_len)
+        if not voices:
+            raise ValueError("the engine needs at least one voice")
+        self.prefixes: dict[str, VoicePrefix] = {n: build_voice_prefix(self.model, c.validate(self.cfg, f"voice {n!r}"), n)
+                                                 for n, c in voices.items()}
+        self.prefix_len = self.cfg.prefix_len
+        if config.max_seq_len > self.cfg.n_positions:
+            raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's n_positions={self.cfg.n_positions}")
+        # text budget: leave room for the default number of new tokens
+        self.max_text_tokens = min(MAX_TEXT_TOKENS, config.max_seq_len - self.prefix_len - config.default_max_new_tokens)
+        if self.max_text_tokens < 1:
+            raise ValueError(f"max_seq_len={config.max_seq_len} leaves no room for text after the {self.prefix_len}-token "
+                             f"voice prefix and {config.default_max_new_tokens} new tokens")
+        self.tokenizer = tokenizer if tokenizer is not None else TextTokenizer(config.model_dir, self.max_text_tokens)
+        self.tokenizer.max_tokens = min(self.tokenizer.max_tokens, self.max_text_tokens)
+        sizes = tuple(sorted(b for b in config.graph_batch_sizes if b < config.max_slots)) + (config.max_slots,)
+        self.runner = ModelRunner(self.model, RunnerShape(config.max_slots, config.max_seq_len, sizes,
+                                                          config.kv_bucket, config.cuda_graphs), self.device, self.dtype)
+        self.scheduler = Scheduler(config.max_slots, config.max_waiting, config.max_prefills_per_step)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = False
+        self._counters = dict(steps=0, tokens=0, finished=0, cancelled=0, failed=0)
+        self._thread = threading.Thread(target=self._loop, name="t3-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    def voices(self) -> list[str]:
+        return sorted(self.prefixes)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Normalise + tokenise; raises :class:`TextError` for empty or over-long text."""
+        return self.tokenizer.tokenize(text)
+
+    def generate(self, voice: str, text_ids: Seq[int], params: SamplingParams | None = None) -> AsyncIterator[list[int]]:
+        """Validate now (``ValueError`` naming the problem), then return the stream of speech ids.
+
+        The sequence is queued when iteration starts; leaving the loop, ``aclose()`` or cancelling
+        the consuming task releases its slot at once.
+        """
+        params = params or SamplingParams(max_new_tokens=self.config.default_max_new_tokens)
+        if voice not in self.prefixes:
+            raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices())}")
+        ids = [int(t) for t in text_ids]
+        if not ids:
+            raise TextError("text_ids is empty")
+        bad = [t for t in ids if not 0 <= t < self.cfg.text_vocab_size]
+        if bad:
+            raise ValueError(f"text ids out of range [0, {self.cfg.text_vocab_size}): {bad[:5]}")
+        need = self.prefix_len + len(ids) + params.max_new_tokens
+        if need > self.config.max_seq_len:
+            raise TextError(f"request too long: {len(ids)} text tokens + {params.max_new_tokens} new tokens + the "
+                            f"{self.prefix_len}-token voice prefix = {need} positions > max_seq_len "
+                            f"{self.config.max_seq_len}")
+        seq = Sequence(voice=voice, text_ids=ids, params=params, seed=params.resolved_seed())
+        return self._stream(seq)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+            return dict(active=running + waiting, running=running, waiting=waiting,
+                        free_slots=self.scheduler.free_slots, max_slots=self.config.max_slots, **self._counters)
+
+    def close(self) -> None:
+        """Stop the step thread; streams still open end with an error."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ streams
+    async def _stream(self, seq: Sequence) -> AsyncIterator[list[int]]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                self._cancel(seq)
+
+        seq.deliver = deliver
+        with self._wake:
+            if self._stop:
+                raise RuntimeError("the token engine is shut down")
+            self.scheduler.add(seq)  # may raise EngineOverloaded
+            self._wake.notify()
+        try:
+            while True:
+                item = await queue.get()
+                batch: list[int] = []
+                while True:  # coalesce whatever else is already there
+                    if item is _END:
+                        if batch:
+                            yield batch
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    batch.extend(item)  # type: ignore[arg-type]
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                yield batch
+        finally:
+            if not seq.finished:
+                self._cancel(seq)
+
+    def _cancel(self, seq: Sequence) -> None:
+        with self._wake:
+            seq.cancelled = True
+            if self.scheduler.finish(seq):
+                self._counters["cancelled"] += 1
+            self._wake.notify()
+
+    # ------------------------------------------------------------------ step loop (engine thread)
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while True:
+            with self._wake:
+                while not self._stop and not self.scheduler.has_work():
+                    self._wake.wait()
+                if self._stop:
+                    self._fail_all(RuntimeError("the token engine was shut down"), locked=True)
+                    return
+                self.runner.deactivate(self.scheduler.take_released())
+                admitted = self.scheduler.admit()
+            try:
+                self._step(admitted)
+            except Exception as e:  # a failed step ends the sequences in it, never the engine
+                log.exception("token engine step failed")
+                self._fail_all(e, locked=False)
+
+    def _step(self, admitted: list[Sequence]) -> None:
+        for seq in admitted:
+            if seq.cancelled:
+                continue
+            tok = self.runner.prefill(seq, self.prefixes[seq.voice])
+            seq.prefilled = True
+            self._emit(seq, tok)
+        with self._lock:
+            batch = self.scheduler.decode_batch()
+        batch = [s for s in batch if not s.cancelled]
+        if not batch:
+            return
+        n_rows = max(s.slot for s in batch) + 1
+        toks = self.runner.decode(n_rows, max(s.position for s in batch))
+        self._counters["steps"] += 1
+        for seq in batch:
+            seq.position += 1
+            self._emit(seq, toks[seq.slot])
+
+    def _emit(self, seq: Sequence, tok: int) -> None:
+        """Account one sampled token of ``seq``: stream it, or end the sequence."""
+        if seq.cancelled:
+            return
+        seq.n_sampled += 1
+        self._counters["tokens"] += 1
+        done = tok == STOP_SPEECH or seq.n_sampled >= seq.params.max_new_tokens
+        if tok != STOP_SPEECH and tok < SPEECH_VOCAB_VALID:
+            seq.deliver([tok])
+        if done:
+            with self._lock:
+                if self.scheduler.finish(seq):
+                    self._counters["finished"] += 1
+            seq.deliver(_END)
+
+    def _fail_all(self, err: Exception, locked: bool) -> None:
+        if not locked:
+            self._lock.acquire()
+        try:
+            seqs = list(self.scheduler.running.values()) + list(self.scheduler.waiting)
+            for seq in seqs:
+                if self.scheduler.finish(seq):
+                    self._counters["failed"] += 1
+        finally:
+            if not locked:
+                self._lock.release()
+        for seq in seqs:
+            seq.deliver(err)
+
+
+__all__ = ["EngineConfig", "LLMEngine", "EngineOverloaded", "SamplingParams", "TextError"]

@@ -1,0 +1,39 @@
+"""VocoderServiceConfig: every setting of `tts-vocoder-service` (flags > ``TTS_*`` env > defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tts_common.config import REQUIRED, ConfigError, check_positive, setting
+
+VOCODER_ENGINES = ("pytorch", "onnxruntime", "tensorrt")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass
+class VocoderServiceConfig:
+    """Vocoder service (S3Gen): speech tokens in, 24 kHz audio out, many streaming sessions at once."""
+
+    listen: str = setting("0.0.0.0:50052", "host:port to serve gRPC on")
+    model_dir: str = setting(REQUIRED, "model folder (upstream layout: s3gen_meanflow.safetensors, conds.pt)")
+    voices_dir: str | None = setting(None, "extra voices as <name>.pt (conds.pt format); default <model-dir>/voices (if it exists)")
+    engine: str = setting("pytorch", "S3Gen engine backend", choices=VOCODER_ENGINES)
+    engine_dir: str | None = setting(None, "ONNX / TensorRT engine folder (engine=onnxruntime|tensorrt)")
+    device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:N")
+    dtype: str = setting("auto", "weights dtype: auto, float32, float16, bfloat16")
+    max_streams: int = setting(128, "concurrent Vocode sessions; more get RESOURCE_EXHAUSTED")
+    drain_seconds: float = setting(20.0, "on SIGTERM: seconds in-flight streams may take to finish")
+    log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+    log_format: str = setting("json", "log format", choices=LOG_FORMATS)
+    max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+
+    def validate(self) -> None:
+        """Fill derived defaults and reject impossible values (raises ``ConfigError``)."""
+        self.log_level = self.log_level.upper()
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)} (--log-level / TTS_LOG_LEVEL)")
+        if self.engine in ("onnxruntime", "tensorrt") and not self.engine_dir:
+            raise ConfigError(f"engine={self.engine} needs --engine-dir / TTS_ENGINE_DIR")
+        check_positive(self, "max_streams", "max_message_bytes")
+        check_positive(self, "drain_seconds", allow_zero=True)

@@ -1,0 +1,79 @@
+"""Token -> mel: token embedding, upsample conformer encoder, meanflow decoder (Euler, 2 steps).
+
+Parameter names follow upstream's keys under ``flow.``: ``input_embedding``,
+``spk_embed_affine_layer``, ``encoder.*``, ``encoder_proj``, ``decoder.estimator.*``.
+
+The voice conditioning is used as upstream's ``CausalMaskedDiffWithXvec.inference`` uses it: the
+prompt tokens are prepended to the tokens, the prompt mel fills the first ``prompt_frames`` frames
+of the decoder condition (zeros after), the x-vector is L2-normalised and projected to n_mels,
+and only the frames after the prompt are returned.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import S3GenConfig
+from .encoder import UpsampleConformerEncoder
+from .estimator import MeanflowEstimator
+
+
+class MeanflowDecoder(nn.Module):
+    """Holds the estimator (key ``decoder.estimator``) and integrates the meanflow ODE."""
+
+    def __init__(self, cfg: S3GenConfig):
+        super().__init__()
+        self.estimator = MeanflowEstimator(cfg)
+        self.n_steps = cfg.n_flow_steps
+
+    def forward(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spk: torch.Tensor,
+                cond: torch.Tensor, n_steps: int | None = None) -> torch.Tensor:
+        """Euler steps over a uniform time grid 0 -> 1 (no cosine schedule, no CFG for meanflow).
+
+        noise, mu, cond: (B, n_mels, T); mask: (B, 1, T); spk: (B, n_mels) -> mel (B, n_mels, T).
+        """
+        n = n_steps or self.n_steps
+        grid = torch.linspace(0, 1, n + 1, device=mu.device, dtype=mu.dtype)
+        x = noise
+        for i in range(n):
+            t, r = grid[i:i + 1], grid[i + 1:i + 2]
+            x = x + (r - t) * self.estimator(x, mask, mu, t, r, spk, cond)
+        return x
+
+
+class TokenToMel(nn.Module):
+    def __init__(self, cfg: S3GenConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.enc_dim)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_dim, cfg.n_mels)
+        self.encoder = UpsampleConformerEncoder(cfg)
+        self.encoder_proj = nn.Linear(cfg.enc_dim, cfg.n_mels)
+        self.decoder = MeanflowDecoder(cfg)
+
+    def speaker(self, embedding: torch.Tensor) -> torch.Tensor:
+        """x-vector (B, spk_dim) -> decoder speaker vector (B, n_mels)."""
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    def forward(self, tokens: torch.Tensor, prompt_feat: torch.Tensor, spk: torch.Tensor, noise: torch.Tensor,
+                drop_tail_frames: int = 0, n_steps: int | None = None) -> torch.Tensor:
+        """Mel for a token sequence that already starts with the prompt tokens.
+
+        tokens: (B, Tp+T) int64, prompt tokens first; prompt_feat: (B, Fp, n_mels) prompt mel;
+        spk: (B, n_mels) from ``speaker()``; noise: (B, n_mels, >= ratio*(Tp+T)-drop) initial
+        flow state; drop_tail_frames: mel frames cut from the encoder output before decoding
+        (upstream's non-final look-ahead cut). Returns (B, n_mels, F - Fp) with
+        F = ratio*(Tp+T) - drop_tail_frames.
+        """
+        h = self.encoder(self.input_embedding(tokens))
+        if drop_tail_frames:
+            h = h[:, :-drop_tail_frames]
+        mu = self.encoder_proj(h).transpose(1, 2)  # (B, n_mels, F)
+        B, _, Fr = mu.shape
+        Fp = prompt_feat.size(1)
+        cond = torch.zeros_like(mu)
+        cond[:, :, :Fp] = prompt_feat.transpose(1, 2)
+        mask = torch.ones(B, 1, Fr, device=mu.device, dtype=mu.dtype)
+        mel = self.decoder(noise[:, :, :Fr], mu, mask, spk, cond, n_steps)
+        return mel[:, :, Fp:]

@@ -1,0 +1,271 @@
+"""Streaming S3Gen: speech-token chunks in, audio chunks out, one ``StreamingSession`` per stream.
+
+Stable API (the vocoder engine wraps it)::
+
+    session = StreamingSession(model, voice, seed=0, config=StreamConfig())
+    audio = session.push(token_ids)   # 1-D float32 tensor at 24 kHz, possibly empty
+    audio = session.finish()          # the rest; afterwards total length == 960 * tokens pushed
+    session.close()                   # idempotent; push/finish after close raise SessionClosed
+
+``token_ids``: a list of ints, a 1-D int tensor or numpy array, ids in [0, 6560], non-empty.
+Bad input raises ``ValueError`` / ``TypeError`` naming the problem; the session stays usable.
+``push`` after ``finish`` raises ``SessionFinished``.
+
+Design (docs/ARCHITECTURE.md, "Vocoder streaming", has the measured numbers):
+
+* Flow: the encoder attends over the whole sequence and its look-ahead conv needs
+  ``pre_lookahead`` (3) future tokens, so a chunk of ``n`` tokens is decoded once ``n + 3``
+  tokens are there.  Each step re-runs the flow on ``prompt + left context (<= context_tokens
+  committed tokens) + chunk + 3 look-ahead tokens``, drops the look-ahead frames (upstream's
+  ``finalize=False`` cut) and keeps the chunk's ``2n`` mel frames.  The flow noise is addressed
+  by absolute frame (``PositionalNoise``), so every frame sees the noise an offline run of the
+  same seed uses.  ``finish()`` decodes the rest without look-ahead, as offline does.
+* HiFT: each step vocodes ``hift_context_frames`` already-emitted mel frames (left context) +
+  the pending frames; the harmonic source of the context region is the cached excitation of the
+  previous step and the sine phase continues from the cached cycle count, so the source is
+  continuous.  The last ``holdback_frames`` of audio are held back (their right context is not
+  known yet) and cross-faded (raised cosine) with their recomputation in the next step.
+* Lengths: every token yields exactly 960 samples in total; upstream's 40 ms start fade is
+  applied to the first samples of the stream.
+* Batching: ``stream_step`` is functional: it takes several sessions' states and equally shaped
+  chunks (same voice prompt length, same context / chunk / look-ahead sizes: a static shape per
+  chunk size once ``context_tokens`` tokens have been committed) and runs the flow and HiFT once
+  for the batch.  Rows never mix: each row's state is read and written only at its index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .hift import SourceNoise
+from .model import S3GenModel, VoiceCond, check_tokens, trim_fade
+from .noise import PositionalNoise
+
+
+class SessionClosed(RuntimeError):
+    """The session was closed."""
+
+
+class SessionFinished(RuntimeError):
+    """finish() was already called: the stream has ended."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    first_chunk_tokens: int = 10   # tokens decoded by the first step (audio starts after these + 3)
+    chunk_tokens: int = 25         # tokens per later step
+    context_tokens: int = 50       # committed tokens re-encoded as left context of the flow
+    hift_context_frames: int = 8   # emitted mel frames HiFT sees on the left
+    holdback_frames: int = 2       # audio frames held back and cross-faded with the next step
+    grow: bool = True              # later chunks double from first_chunk_tokens up to chunk_tokens
+
+    def __post_init__(self):
+        if self.first_chunk_tokens < 1 or self.chunk_tokens < 1:
+            raise ValueError("chunk sizes must be >= 1 token")
+        if self.context_tokens < 0 or self.hift_context_frames < 0:
+            raise ValueError("context sizes must be >= 0")
+        if not 0 <= self.holdback_frames <= 2 * min(self.first_chunk_tokens, self.chunk_tokens):
+            raise ValueError("holdback_frames must be in [0, 2 * smallest chunk]")
+
+
+@dataclass
+class StreamState:
+    """Everything one stream carries between steps (all tensors are this stream's own)."""
+
+    voice: VoiceCond
+    noise: PositionalNoise
+    spk: torch.Tensor                       # (1, n_mels) projected x-vector
+    phase: torch.Tensor                     # (H+1, 1) source start phases
+    tokens: list[int] = field(default_factory=list)   # received tokens, from ``token_base`` on
+    token_base: int = 0                     # absolute index of tokens[0]
+    committed: int = 0                      # tokens whose mel frames are final
+    mel_hist: torch.Tensor | None = None    # (n_mels, <= ctx) emitted frames before ``emitted``
+    mel_pending: torch.Tensor | None = None  # (n_mels, k) final frames from ``emitted`` on
+    emitted: int = 0                        # mel frames whose audio has been returned
+    src_hist: torch.Tensor | None = None    # (1, len(mel_hist) * hop) excitation before ``emitted``
+    cycles: torch.Tensor | None = None      # (H+1,) source cycles at the first sample of ``emitted``
+    tail: torch.Tensor | None = None        # (X,) previous step's audio from ``emitted`` on (held back)
+
+
+def new_state(model: S3GenModel, voice: VoiceCond, seed: int) -> StreamState:
+    cfg = model.cfg
+    if voice.n_prompt_frames != cfg.token_mel_ratio * voice.n_prompt_tokens:
+        raise ValueError(f"voice prompt has {voice.n_prompt_frames} mel frames for {voice.n_prompt_tokens} tokens; "
+                         f"streaming needs exactly {cfg.token_mel_ratio} per token")
+    voice = voice.to(model.device)
+    noise = PositionalNoise(seed, cfg.n_mels, cfg.hift_harmonics + 1)
+    with torch.inference_mode():
+        spk = model.flow.speaker(voice.embedding)
+    n_mels, dev = cfg.n_mels, model.device
+    return StreamState(voice=voice, noise=noise, spk=spk, phase=noise.source_phase().to(dev),
+                       mel_hist=torch.zeros(n_mels, 0, device=dev), mel_pending=torch.zeros(n_mels, 0, device=dev),
+                       src_hist=torch.zeros(1, 0, device=dev), cycles=torch.zeros(cfg.hift_harmonics + 1, device=dev))
+
+
+def _stack_equal(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"stream_step batch needs equal {what} shapes, got {sorted(shapes)}")
+    return torch.stack(list(tensors))
+
+
+@torch.inference_mode()
+def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.Tensor, lookahead: torch.Tensor,
+                final: bool, config: StreamConfig) -> list[torch.Tensor]:
+    """Advance a batch of streams by one chunk each; returns each stream's new audio (1-D).
+
+    chunks: (B, n) tokens to commit (n may be 0 only when ``final``); lookahead: (B, la) the
+    tokens after them (la = pre_lookahead, or 0 when ``final``). Row b continues ``states[b]``,
+    which is updated in place. All rows must have equal shapes (prompt length, context length).
+    """
+    cfg = model.cfg
+    dev = model.device
+    B, n = chunks.shape
+    la = lookahead.size(1)
+    ratio, hop = cfg.token_mel_ratio, cfg.hop_samples
+
+    # ---- flow: prompt + left context + chunk + look-ahead -> the chunk's mel frames
+    if n > 0:
+        windows, noises = [], []
+        for s, c, a in zip(states, chunks, lookahead):
+            nctx = min(config.context_tokens, s.committed)
+            start = s.committed - nctx
+            ctx = torch.tensor(s.tokens[start - s.token_base:s.committed - s.token_base], dtype=torch.long)
+            windows.append(torch.cat([s.voice.prompt_token[0].cpu(), ctx, c.cpu(), a.cpu()]))
+            fp = s.voice.n_prompt_frames
+            noises.append(torch.cat([s.noise.mel(0, fp),
+                                     s.noise.mel(fp + ratio * start, fp + ratio * (s.committed + n + la))], dim=1))
+        tok = _stack_equal(windows, "window").to(dev)
+        noise = _stack_equal(noises, "noise").to(dev)
+        feat = torch.cat([s.voice.prompt_feat for s in states])
+        spk = torch.cat([s.spk for s in states])
+        mel = model.flow(tok, feat, spk, noise, drop_tail_frames=ratio * la)[:, :, -ratio * n:]  # (B, n_mels, 2n)
+    else:
+        mel = torch.zeros(B, cfg.n_mels, 0, device=dev)
+
+    # ---- HiFT: left context + pending frames
+    if len({(s.mel_hist.size(1), s.mel_pending.size(1)) for s in states}) != 1:
+        raise ValueError("stream_step batch needs equal HiFT context / pending lengths in every row")
+    mel_in = _stack_equal([torch.cat([s.mel_hist, s.mel_pending, m], dim=1) for s, m in zip(states, mel)], "HiFT window")
+    h = states[0].mel_hist.size(1)
+    total = mel_in.size(2)
+    f0 = model.mel2wav.f0_at_samples(mel_in)[:, h * hop:]  # new part only: (B, (total-h)*hop)
+    first = torch.tensor([s.emitted * hop for s in states])
+    rnd = SourceNoise(torch.stack([s.phase for s in states]),
+                      torch.stack([s.noise.source_noise(int(a), int(a) + f0.size(1)) for s, a in zip(states, first)]).to(dev))
+    cycles0 = torch.stack([s.cycles for s in states])
+    src_new, _ = model.mel2wav.m_source(f0, rnd, cycles0)
+    waves_cycles = _cycles(model, f0, cycles0)
+    source = torch.cat([torch.stack([s.src_hist for s in states]), src_new], dim=2)
+    audio = model.mel2wav.decode(mel_in, source)  # (B, total*hop), starts at frame emitted-h
+
+    hold = 0 if final else config.holdback_frames
+    emit_frames = total - h - hold  # frames from ``emitted`` on that are returned now
+    outs = []
+    for b, s in enumerate(states):
+        out = audio[b, h * hop:(h + emit_frames) * hop].clone()
+        if s.tail is not None and s.tail.numel() and out.numel():
+            x = min(s.tail.numel(), out.numel())
+            w = _fade_in(x, out.device, out.dtype)
+            out[:x] = s.tail[:x] * (1 - w) + out[:x] * w
+        a0 = s.emitted * hop
+        if a0 < 2 * (cfg.sample_rate // 50):
+            gains = trim_fade(a0 + out.numel(), cfg.sample_rate, out.device, out.dtype)[a0:]
+            out = out * gains
+        outs.append(out.float())
+        # carry state
+        new_emitted = s.emitted + emit_frames
+        keep_from = max(0, h + emit_frames - config.hift_context_frames)
+        s.mel_hist = mel_in[b, :, keep_from:h + emit_frames]
+        s.mel_pending = mel_in[b, :, h + emit_frames:]
+        s.src_hist = source[b, :, keep_from * hop:(h + emit_frames) * hop]
+        if emit_frames > 0:
+            s.cycles = waves_cycles[b, :, emit_frames * hop - 1]
+        s.tail = audio[b, (h + emit_frames) * hop:].clone() if not final else None
+        s.emitted = new_emitted
+        s.committed += n
+        drop = max(0, s.committed - config.context_tokens - s.token_base)
+        if drop:
+            del s.tokens[:drop]
+            s.token_base += drop
+    return outs
+
+
+def _cycles(model: S3GenModel, f0: torch.Tensor, cycles0: torch.Tensor) -> torch.Tensor:
+    """Source cycle counts (mod 1) per harmonic and sample: (B, H+1, L)."""
+    src = model.mel2wav.m_source
+    mult = torch.arange(1, src.harmonics + 1, device=f0.device, dtype=f0.dtype).view(1, -1, 1)
+    return (torch.cumsum(f0.unsqueeze(1) * mult / src.sample_rate, dim=-1) + cycles0.unsqueeze(-1)) % 1
+
+
+def _fade_in(n: int, device, dtype) -> torch.Tensor:
+    """Raised-cosine ramp 0 -> 1 over n samples (excluding the end points)."""
+    t = (torch.arange(n, device=device, dtype=torch.float64) + 0.5) / n
+    return (0.5 - 0.5 * torch.cos(torch.pi * t)).to(dtype)
+
+
+class StreamingSession:
+    """One stream: ``push(tokens)`` -> audio, ``finish()`` -> rest, ``close()``. Not thread-safe."""
+
+    def __init__(self, model: S3GenModel, voice: VoiceCond, seed: int = 0, config: StreamConfig | None = None):
+        self.model = model
+        self.config = config or StreamConfig()
+        self.state = new_state(model, voice, seed)
+        self.finished = False
+        self.closed = False
+        self.n_tokens = 0
+        self._last_chunk = 0
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosed("the vocoder session is closed")
+        if self.finished:
+            raise SessionFinished("the vocoder session has already finished; no more tokens are accepted")
+
+    @property
+    def _pending_tokens(self) -> int:
+        return self.state.token_base + len(self.state.tokens) - self.state.committed
+
+    def _next_chunk(self) -> int:
+        """Tokens of the next step: first_chunk_tokens, then (if ``grow``) doubling up to chunk_tokens."""
+        c = self.config
+        if self.state.committed == 0:
+            return c.first_chunk_tokens
+        if not c.grow:
+            return c.chunk_tokens
+        return min(c.chunk_tokens, max(self._last_chunk * 2, 1))
+
+    def _run(self, n: int, la: int, final: bool) -> torch.Tensor:
+        s = self.state
+        i = s.committed - s.token_base
+        chunk = torch.tensor([s.tokens[i:i + n]], dtype=torch.long).view(1, n)
+        ahead = torch.tensor([s.tokens[i + n:i + n + la]], dtype=torch.long).view(1, la)
+        self._last_chunk = n
+        return stream_step(self.model, [s], chunk, ahead, final, self.config)[0]
+
+    def push(self, tokens: Any) -> torch.Tensor:
+        """Add speech tokens; returns the audio that became final (float32, 1-D, maybe empty)."""
+        self._check_open()
+        tok = check_tokens(tokens, self.model.cfg.vocab_size)
+        self.state.tokens.extend(tok.tolist())
+        self.n_tokens += tok.numel()
+        la = self.model.cfg.pre_lookahead
+        outs = [torch.zeros(0)]
+        while self._pending_tokens >= self._next_chunk() + la:
+            outs.append(self._run(self._next_chunk(), la, final=False).cpu())
+        return torch.cat(outs)
+
+    def finish(self) -> torch.Tensor:
+        """End of the stream: decode every remaining token and return the rest of the audio."""
+        self._check_open()
+        self.finished = True
+        if self.n_tokens == 0:
+            return torch.zeros(0)
+        return self._run(self._pending_tokens, 0, final=True).cpu()
+
+    def close(self) -> None:
+        """Free the state (idempotent)."""
+        self.closed = True
+        self.state = None  # type: ignore[assignment]
