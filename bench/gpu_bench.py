@@ -41,8 +41,13 @@ TEXTS = [
 ]
 
 
+DEVICE = "cuda"
+PRESET = "turbo"
+
+
 def sync() -> None:
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def section(name: str) -> Callable:
@@ -58,9 +63,19 @@ def section(name: str) -> Callable:
             finally:
                 RESULTS.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 1)
                 gc.collect()
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
         return run
     return wrap
+
+
+def peak_reset() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -76,9 +91,13 @@ def pct(xs: list[float], q: float) -> float:
 def setup(work: Path) -> Path:
     from export.demo_checkpoint import write_demo_checkpoint
 
-    d = work / "demo-turbo"
+    d = work / f"demo-{PRESET}"
     if not d.exists():
-        write_demo_checkpoint(d, "turbo", seed=0)
+        write_demo_checkpoint(d, PRESET, seed=0)
+    RESULTS["gpu"] = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+    RESULTS["torch"] = torch.__version__
+    if DEVICE != "cuda":
+        return d
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     for _ in range(3):
@@ -89,8 +108,6 @@ def setup(work: Path) -> Path:
         y.copy_(x)
     sync()
     RESULTS["copy_bandwidth_GBps"] = 2 * 2**30 * 20 / (time.perf_counter() - t0) / 1e9
-    RESULTS["gpu"] = torch.cuda.get_device_name()
-    RESULTS["torch"] = torch.__version__
     del x, y
     return d
 
@@ -155,7 +172,7 @@ def upstream(model_dir: Path, n_tokens: int) -> None:
 def _engine(model_dir: Path, dtype: str, graphs: bool, max_slots: int):
     from token_service.engine.llm_engine import EngineConfig, LLMEngine
 
-    return LLMEngine(EngineConfig(model_dir=model_dir, device="cuda", dtype=dtype, cuda_graphs=graphs,
+    return LLMEngine(EngineConfig(model_dir=model_dir, device=DEVICE, dtype=dtype, cuda_graphs=graphs,
                                   max_slots=max_slots, max_waiting=1024, max_seq_len=2048))
 
 
@@ -174,9 +191,9 @@ async def _run_one(engine, ids, params) -> tuple[list[int], float, float]:
 def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
     from token_service.t3.sampling import SamplingParams
 
-    torch.cuda.reset_peak_memory_stats()
+    peak_reset()
     t_build = time.perf_counter()
-    eng = _engine(model_dir, "bfloat16", True, max(sweep))
+    eng = _engine(model_dir, "bfloat16" if DEVICE == "cuda" else "float32", DEVICE == "cuda", max(sweep))
     r: dict[str, Any] = {"engine_build_s": time.perf_counter() - t_build}
     ids = RESULTS.get("text_ids") or [eng.tokenize(t) for t in TEXTS]
 
@@ -206,7 +223,7 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
         sweep_r[n] = {"aggregate_tokens_per_s": agg, "ttft_p50_ms": pct(ttfts, 50) * 1000,
                       "ttft_p99_ms": pct(ttfts, 99) * 1000, "realtime_streams_equiv": agg / 25.0}
     r["batch_sweep"] = sweep_r
-    r["peak_gpu_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    r["peak_gpu_mem_GB"] = peak_gb()
     r["stats"] = eng.stats()
     eng.close()
     RESULTS["t3"] = r
@@ -218,8 +235,14 @@ def accuracy(model_dir: Path) -> None:
 
     ref = RESULTS.get("upstream_greedy")
     ids = RESULTS.get("text_ids")
+    if not ids:
+        eng0 = _engine(model_dir, "float32", False, 1)
+        ids = [eng0.tokenize(t) for t in TEXTS]
+        eng0.close()
     r: dict[str, Any] = {}
     for dtype in ("float32", "bfloat16"):
+        if DEVICE != "cuda" and dtype != "float32":
+            continue
         eng = _engine(model_dir, dtype, dtype != "float32", 8)
 
         async def greedy():
@@ -250,8 +273,8 @@ def s3gen(model_dir: Path) -> None:
     from vocoder_service.s3gen import StreamingSession
     from vocoder_service.s3gen.loading import load_vocoder
 
-    torch.cuda.reset_peak_memory_stats()
-    model, voices = load_vocoder(model_dir, device="cuda")
+    peak_reset()
+    model, voices = load_vocoder(model_dir, device=DEVICE)
     voice = voices["default"]
     r: dict[str, Any] = {}
     for n in (50, 150):
@@ -284,7 +307,7 @@ def s3gen(model_dir: Path) -> None:
         s.close()
     r["stream_first_chunk_ms"] = statistics.median(firsts[1:] or firsts)
     r["stream_chunk_ms_p50"] = pct(per_chunk, 50)
-    r["peak_gpu_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    r["peak_gpu_mem_GB"] = peak_gb()
     # half precision error vs fp32 (mel), same noise
     tok = torch.randint(0, 6561, (100,), generator=torch.Generator().manual_seed(3))
     mel32 = model.tokens_to_mel(tok, voice, seed=0).float()
@@ -356,7 +379,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--sweep", default="1,8,32,64,128,256")
     ap.add_argument("--sections", default="upstream,t3,accuracy,s3gen,services")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="tiny preset on CPU, upstream skipped: checks the script itself, times nothing real")
     args = ap.parse_args()
+    if args.cpu_dry_run:
+        global DEVICE, PRESET
+        DEVICE, PRESET = "cpu", "tiny"
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -366,7 +394,7 @@ def main() -> None:
         print(report(out))
         return
     sweep = [int(x) for x in args.sweep.split(",")]
-    if "upstream" in want:
+    if "upstream" in want and DEVICE == "cuda":
         upstream(model_dir, args.tokens)
     if "t3" in want:
         t3(model_dir, args.tokens, sweep)

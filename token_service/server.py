@@ -44,6 +44,8 @@ SILENCE_TOKEN = 4299  # upstream's S3GEN_SIL, appended 3x after each sentence
 SILENCE_TOKENS = [SILENCE_TOKEN] * 3
 SPEECH_VOCAB_SIZE = 6561
 QUEUE_CHUNKS = 64  # bound of each queue between the tasks of one stream
+VOCODER_LINK_MAX_BYTES = 4 * 1024 * 1024
+_NOTHING = object()
 
 
 class _Failure(Exception):
@@ -450,11 +452,21 @@ class _Synthesis:
             vcfg.seed = self.cfg.sampling.seed
 
         async def requests():
+            """Config, then the queued messages; token chunks already waiting are merged into one
+            message (the vocoder's output does not depend on how tokens are split into pushes)."""
             yield voc.VocodeRequest(config=vcfg)
+            held = _NOTHING
             while True:
-                msg = await self.to_vocoder.get()
-                if msg is None:
+                msg = held if held is not _NOTHING else await self.to_vocoder.get()
+                held = _NOTHING
+                if msg is None:  # end of the queue
                     return
+                while msg.WhichOneof("kind") == "tokens" and not self.to_vocoder.empty():
+                    nxt = self.to_vocoder.get_nowait()
+                    if nxt is None or nxt.WhichOneof("kind") != "tokens":
+                        held = nxt
+                        break
+                    msg.tokens.token_ids.extend(nxt.tokens.token_ids)
                 yield msg
 
         self.call = self.s.vocoder.Vocode(
@@ -558,9 +570,11 @@ async def start_server(cfg, engine, telemetry: Telemetry, make_sampling=None) ->
     """Build and start the server for ``cfg`` around ``engine``; returns it (``.port`` is bound).
 
     The vocoder channel is closed when the server stops (``server.on_stop``)."""
+    # The vocoder sends at most 1 s of float32 audio a message (96 kB); the client limit must not
+    # apply to this internal link, so it gets its own generous bound.
     channel = grpc.aio.insecure_channel(cfg.vocoder_target, options=[
-        ("grpc.max_receive_message_length", cfg.max_message_bytes),
-        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", max(cfg.max_message_bytes, VOCODER_LINK_MAX_BYTES)),
+        ("grpc.max_send_message_length", max(cfg.max_message_bytes, VOCODER_LINK_MAX_BYTES)),
     ])
     servicer = TokenServicer(engine, channel, vocoder_target=cfg.vocoder_target, telemetry=telemetry,
                              max_streams=cfg.max_streams, max_text_chars=cfg.max_text_chars,

@@ -26,7 +26,7 @@ class VocoderServiceConfig:
     drain_seconds: float = setting(20.0, "on SIGTERM: seconds in-flight streams may take to finish")
     log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
     log_format: str = setting("json", "log format", choices=LOG_FORMATS)
-    max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+    max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from a caller, in bytes (larger ones get RESOURCE_EXHAUSTED)")
 
     def validate(self) -> None:
         """Fill derived defaults and reject impossible values (raises ``ConfigError``)."""

@@ -65,6 +65,9 @@ class VocoderServicer(vocoder_service_pb2_grpc.VocoderServiceServicer):
             await context.abort(code, f"vocoder service {reason}")
         parent = context_from_metadata(context.invocation_metadata())
         span = self.telemetry.tracer.start_span("vocoder.Vocode", context=parent, kind=SpanKind.SERVER)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < 1e9:  # the caller's deadline, passed on by the token service
+            span.set_attribute("rpc.deadline_remaining_s", float(remaining))
         session = None
         started = time.perf_counter()
         compute = 0.0
@@ -108,16 +111,19 @@ class VocoderServicer(vocoder_service_pb2_grpc.VocoderServiceServicer):
                     compute += dt
                     self._chunk_seconds.record(dt)
                     tokens += len(ids)
-                    if audio.size:
-                        yield _response(seq, samples, audio, tokens, False)
+                    for piece in _pieces(audio):
+                        yield _response(seq, samples, piece, tokens, False)
                         seq += 1
-                        samples += audio.size
+                        samples += piece.size
                 t0 = time.perf_counter()
                 with self.telemetry.tracer.start_as_current_span("vocoder.finish", attributes={"tts.tokens": tokens}):
                     audio = await session.finish()
                 compute += time.perf_counter() - t0
-                yield _response(seq, samples, audio, tokens, True)
-                samples += audio.size
+                pieces = _pieces(audio) or [audio]
+                for i, piece in enumerate(pieces):
+                    yield _response(seq, samples, piece, tokens, i == len(pieces) - 1)
+                    seq += 1
+                    samples += piece.size
                 if samples:
                     self._rtf.record(compute / (samples / SAMPLE_RATE))
         except asyncio.CancelledError:
@@ -146,6 +152,14 @@ class VocoderServicer(vocoder_service_pb2_grpc.VocoderServiceServicer):
             self._streams.add(1, {"status": status})
             log.info("vocode finished", extra={"status": status, "tokens": tokens, "samples": samples,
                                                "seconds": round(time.perf_counter() - started, 4)})
+
+
+MAX_CHUNK_SAMPLES = SAMPLE_RATE  # one message carries at most 1 s of audio (96 kB), whatever a push returned
+
+
+def _pieces(audio) -> list:
+    """``audio`` (N,) split into pieces of at most MAX_CHUNK_SAMPLES (none for N = 0)."""
+    return [audio[i:i + MAX_CHUNK_SAMPLES] for i in range(0, audio.size, MAX_CHUNK_SAMPLES)]
 
 
 def _response(seq: int, offset: int, audio, tokens: int, final: bool) -> vocoder_service_pb2.VocodeResponse:

@@ -124,3 +124,18 @@ def test_fullsize_checkpoint_matches_t3(preset, request, tmp_path):
     assert print_validation_report(results)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["hidden_size"]) == ((24, 1024) if preset == "turbo" else (12, 768))
+
+
+def test_tts_export_cli(tiny_t3_dir, tmp_path, capsys):
+    from export.cli import main
+    assert main(["voice-prefix", "--model-dir", str(tiny_t3_dir), "--voice", "alt",
+                 "--output", str(tmp_path / "alt.safetensors")]) == 0
+    assert (tmp_path / "alt.json").is_file()
+    assert main(["trtllm", "--model-dir", str(tiny_t3_dir), "--output-dir", str(tmp_path / "t"),
+                 "--max-batch-size", "2", "--max-text-tokens", "50", "--max-new-tokens", "100", "--validate"]) == 0
+    out = capsys.readouterr().out
+    assert "build_script\t" in out and "checks passed: OK" in out
+    assert "--max_batch_size 2" in (tmp_path / "t" / "build_engine.sh").read_text()
+    assert main(["trtllm", "--model-dir", str(tiny_t3_dir), "--voice", "nobody", "--output-dir",
+                 str(tmp_path / "u")]) == 2  # clear error, non-zero status
+    assert "nobody" in capsys.readouterr().err

@@ -114,7 +114,7 @@ def test_one_trace_across_three_processes(make_pair):
     pair = make_pair()
     client = MemoryTelemetry("tts-client")
     with grpc.insecure_channel(pair.token.target) as ch:
-        r = synthesize(ch, TEXT, make_config(seed=1), telemetry=client.telemetry)
+        r = synthesize(ch, TEXT, make_config(seed=1), telemetry=client.telemetry, timeout=30)
     pair.assert_idle()
     c_spans = client.spans.get_finished_spans()
     t_spans = pair.token.tel.spans.get_finished_spans()
@@ -128,6 +128,8 @@ def test_one_trace_across_three_processes(make_pair):
     by_name = {s.name: s for s in list(c_spans) + list(t_spans) + list(v_spans)}
     assert by_name["tts.Synthesize"].parent.span_id == by_name["tts.client.synthesize"].context.span_id
     assert by_name["vocoder.Vocode"].parent.span_id == by_name["vocoder.call"].context.span_id
+    # the client's deadline reached the vocoder service (gRPC does not pass it on by itself)
+    assert 20 < by_name["vocoder.Vocode"].attributes["rpc.deadline_remaining_s"] <= 31  # gRPC rounds up a little
     # hand-made metrics were recorded
     assert pair.token.tel.metric("tts.time_to_first_audio")
     assert pair.token.tel.metric("tts.real_time_factor")

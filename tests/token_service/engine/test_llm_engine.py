@@ -129,3 +129,32 @@ def test_stats_while_running_and_overload(demo_tiny_dir):
         asyncio.run(run())
     finally:
         eng.close()
+
+
+def test_many_streams_with_random_cancels_leak_nothing(demo_tiny_dir):
+    """40 streams through 6 slots; every third one is abandoned after its first chunk."""
+    eng = LLMEngine(EngineConfig(model_dir=demo_tiny_dir, device="cpu", max_slots=6, max_seq_len=640,
+                                 max_waiting=64, default_max_new_tokens=200))
+    try:
+        async def one(i):
+            stream = eng.generate("default", [10 + i, 20, 30 + i], SamplingParams(seed=i, max_new_tokens=8 + i % 13))
+            got = []
+            async for ids in stream:
+                got.extend(ids)
+                if i % 3 == 0:
+                    await stream.aclose()
+                    return None
+            return got
+
+        async def run():
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+        results = asyncio.run(run())
+        for i, got in enumerate(results):
+            if i % 3:
+                assert got is not None and len(got) <= 8 + i % 13
+        s = eng.stats()
+        assert (s["active"], s["running"], s["waiting"], s["free_slots"]) == (0, 0, 0, 6)
+        assert s["cancelled"] + s["finished"] == 40
+    finally:
+        eng.close()
