@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS: dict[str, Any] = {"errors": {}}
+T_START = time.perf_counter()
 TEXTS = [
     "Hello there, thanks for calling. How can I help you today?",
     "The quick brown fox jumps over the lazy dog, and then it runs back home to rest by the fire.",
@@ -54,7 +55,7 @@ def section(name: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         def run(*a, **k):
             t0 = time.perf_counter()
-            print(f"== {name}", flush=True)
+            print(f"== {name} (t={time.perf_counter() - T_START:.0f}s)", flush=True)
             try:
                 return fn(*a, **k)
             except Exception as e:  # keep going: record and continue with the next section
@@ -120,6 +121,7 @@ def upstream(model_dir: Path, n_tokens: int) -> None:
 
     torch.cuda.reset_peak_memory_stats()
     tts = ChatterboxTurboTTS.from_local(model_dir, "cuda")
+    print("  upstream loaded", flush=True)
     r: dict[str, Any] = {}
     ids = [tts.tokenizer(punc_norm(t), return_tensors="pt").input_ids.cuda() for t in TEXTS]
     RESULTS["text_ids"] = [i[0].tolist() for i in ids]
@@ -195,6 +197,7 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
     t_build = time.perf_counter()
     eng = _engine(model_dir, "bfloat16" if DEVICE == "cuda" else "float32", DEVICE == "cuda", max(sweep))
     r: dict[str, Any] = {"engine_build_s": time.perf_counter() - t_build}
+    print(f"  engine built in {r['engine_build_s']:.1f}s", flush=True)
     ids = RESULTS.get("text_ids") or [eng.tokenize(t) for t in TEXTS]
 
     async def bs1():
@@ -207,6 +210,7 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
         return out
 
     runs = asyncio.run(bs1())
+    print(f"  bs1 runs (tokens, ttft, total): {runs}", flush=True)
     r["t3_tokens_per_s_bs1"] = statistics.median([(n - 1) / (tot - f) for n, f, tot in runs if n > 1])
     r["t3_ttft_ms_bs1"] = statistics.median([f * 1000 for _, f, _ in runs])
 
@@ -220,6 +224,7 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
     sweep_r = {}
     for n in sweep:
         agg, ttfts = asyncio.run(batch(n))
+        print(f"  batch {n}: {agg:.0f} tok/s", flush=True)
         sweep_r[n] = {"aggregate_tokens_per_s": agg, "ttft_p50_ms": pct(ttfts, 50) * 1000,
                       "ttft_p99_ms": pct(ttfts, 99) * 1000, "realtime_streams_equiv": agg / 25.0}
     r["batch_sweep"] = sweep_r
@@ -379,6 +384,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--sweep", default="1,8,32,64,128,256")
     ap.add_argument("--sections", default="upstream,t3,accuracy,s3gen,services")
+    ap.add_argument("--stack-dump-s", type=float, default=120.0)
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="tiny preset on CPU, upstream skipped: checks the script itself, times nothing real")
     args = ap.parse_args()
@@ -389,6 +395,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     want = set(args.sections.split(","))
+    import faulthandler
+
+    # a hang shows up as stack dumps in the log instead of silence
+    faulthandler.dump_traceback_later(args.stack_dump_s, repeat=True, file=sys.stderr)
     model_dir = setup(work)
     if model_dir is None:
         print(report(out))

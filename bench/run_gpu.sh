@@ -10,4 +10,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-python3 bench/gpu_bench.py --out "$OUT" "$@" 2>&1 | grep -v -E "it/s\]|s/it\]|Inference\.\.\.$" | tee "$OUT/bench.log"
+python3 bench/gpu_bench.py --out "$OUT" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]|Inference\.\.\.$" | tee "$OUT/bench.log"

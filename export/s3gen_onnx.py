@@ -201,7 +201,7 @@ def graph_specs(model, batch: int = 1, n_tokens: int = 20, prompt_tokens: int = 
 def export_graph(spec: GraphSpec, path: Path) -> Path:
     """Trace ``spec.module`` to ONNX at ``path`` (float32, dynamic axes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # oneDNN re-plans every new shape: slow on CPU
         torch.onnx.export(spec.module.eval(), tuple(spec.inputs.values()), str(path),
                           input_names=list(spec.inputs), output_names=spec.outputs,
                           dynamic_axes=spec.dynamic_axes, opset_version=OPSET, dynamo=False,
@@ -220,7 +220,7 @@ def ort_session(path: str | Path, providers: list[str] | None = None):
 def check_graph(spec: GraphSpec, path: Path, other_inputs: dict[str, torch.Tensor]) -> tuple[bool, str, float]:
     """Run the graph under onnxruntime on ``other_inputs`` (new shapes) vs PyTorch; rel error."""
     sess = ort_session(path)
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         ref = spec.module(*other_inputs.values()).float().numpy()
     got = sess.run(None, {k: v.numpy() for k, v in other_inputs.items()})[0]
     if got.shape != ref.shape:

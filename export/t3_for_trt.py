@@ -161,10 +161,13 @@ class T3ForTRT(nn.Module):
 
     # ------------------------------------------------------------------ generate
     @torch.inference_mode()
-    def generate(self, text_ids: Sequence[int] | Tensor, max_new_tokens: int = 1000, temperature: float = 0.8,
+    def generate(self, text_ids: Sequence[int] | Tensor, max_new_tokens: int = 1001, temperature: float = 0.8,
                  top_k: int = 1000, top_p: float = 0.95, repetition_penalty: float = 1.2,
                  generator: torch.Generator | None = None) -> list[int]:
         """Sample speech ids (speech vocabulary, stop token excluded) for one text.
+
+        ``max_new_tokens`` caps the sampled tokens, the stop token included (upstream's
+        ``max_gen_len=1000`` samples at most 1001, hence the default), like ``SamplingParams``.
 
         Follows upstream ``T3.inference_turbo``: input ``[prefix | text | start_speech]``; logits
         processors temperature → top-k → top-p → repetition penalty, the penalty seeing the
@@ -180,7 +183,7 @@ class T3ForTRT(nn.Module):
         history = [self.cfg.start_speech]
         out: list[int] = []
         off = self.cfg.speech_offset
-        for step in range(max_new_tokens + 1):
+        for step in range(max_new_tokens):
             speech_logits = logits[0, -1, off:]
             tok = sample_next(speech_logits, history, temperature, top_k, top_p, repetition_penalty, generator)
             if step == 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -44,6 +45,7 @@ SILENCE_TOKEN = 4299  # upstream's S3GEN_SIL, appended 3x after each sentence
 SILENCE_TOKENS = [SILENCE_TOKEN] * 3
 SPEECH_VOCAB_SIZE = 6561
 QUEUE_CHUNKS = 64  # bound of each queue between the tasks of one stream
+OUT_QUEUE_CHUNKS = 4  # audio chunks (up to 1 s each) held for a client that reads slowly (tests/reliability)
 VOCODER_LINK_MAX_BYTES = 4 * 1024 * 1024
 _NOTHING = object()
 
@@ -303,7 +305,7 @@ class _Synthesis:
         self.status = "OK"
         self.sentences: asyncio.Queue = asyncio.Queue(QUEUE_CHUNKS)
         self.to_vocoder: asyncio.Queue = asyncio.Queue(QUEUE_CHUNKS)
-        self.out: asyncio.Queue = asyncio.Queue(QUEUE_CHUNKS)
+        self.out: asyncio.Queue = asyncio.Queue(OUT_QUEUE_CHUNKS)
         self.failed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.tasks: list[asyncio.Task] = []
         self.call = None
@@ -454,6 +456,11 @@ class _Synthesis:
         async def requests():
             """Config, then the queued messages; token chunks already waiting are merged into one
             message (the vocoder's output does not depend on how tokens are split into pushes)."""
+            # Write only once the vocoder admitted the stream (its initial metadata) or ended it: a write
+            # racing a refusal makes grpc.aio report INTERNAL instead of the vocoder's status (grpc/grpc#36066).
+            await self.call.initial_metadata()
+            if self.call.done():
+                return
             yield voc.VocodeRequest(config=vcfg)
             held = _NOTHING
             while True:
@@ -481,7 +488,9 @@ class _Synthesis:
             async for resp in self.call:
                 audio = np.frombuffer(resp.pcm_f32, dtype="<f4")
                 data, n = self.encoder.encode(audio, last=resp.final)
-                if n == 0 and not resp.final:
+                if n == 0:  # nothing playable yet (or an empty last message)
+                    if resp.final:
+                        break
                     continue
                 if self.t_first_audio is None and n:
                     self.t_first_audio = time.perf_counter()
@@ -508,6 +517,9 @@ class _Synthesis:
     def _vocoder_failure(self, err: grpc.aio.AioRpcError) -> _Failure:
         code, details = err.code(), err.details() or ""
         where = f"vocoder service at {self.s.vocoder_target}" if self.s.vocoder_target else "vocoder service"
+        if code == grpc.StatusCode.INTERNAL and "Internal error from Core" in details:
+            # a write raced with the end of the stream (grpc/grpc#36066): the link broke
+            return _Failure(grpc.StatusCode.UNAVAILABLE, f"{where} ended the stream unexpectedly: {details}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
             return _Failure(grpc.StatusCode.UNAVAILABLE, f"{where} is unavailable or stopped mid-stream: {code.name}: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -572,9 +584,12 @@ async def start_server(cfg, engine, telemetry: Telemetry, make_sampling=None) ->
     The vocoder channel is closed when the server stops (``server.on_stop``)."""
     # The vocoder sends at most 1 s of float32 audio a message (96 kB); the client limit must not
     # apply to this internal link, so it gets its own generous bound.
+    # round_robin: with TTS_VOCODER_TARGET=dns:///<headless service> every vocoder pod gets streams
+    # (gRPC's default pick_first would send them all to the first address).
     channel = grpc.aio.insecure_channel(cfg.vocoder_target, options=[
         ("grpc.max_receive_message_length", max(cfg.max_message_bytes, VOCODER_LINK_MAX_BYTES)),
         ("grpc.max_send_message_length", max(cfg.max_message_bytes, VOCODER_LINK_MAX_BYTES)),
+        ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
     ])
     servicer = TokenServicer(engine, channel, vocoder_target=cfg.vocoder_target, telemetry=telemetry,
                              max_streams=cfg.max_streams, max_text_chars=cfg.max_text_chars,
@@ -613,7 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tts-token-service: {exc}", file=sys.stderr)
         return 2
     setup_logging("token-service", cfg.log_level, cfg.log_format)
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # bad model folder, port taken, ...
+        log.error("startup failed: %s", exc, exc_info=cfg.log_level == "DEBUG")
+        print(f"tts-token-service: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,8 +5,8 @@ with random weights is created once in ``$DEMO_DIR`` (default .cache/demo-turbo)
 pipeline at full size, but its audio is noise. The services run as subprocesses
 (``python -m vocoder_service serve`` / ``python -m token_service serve``) on free loopback ports, with
 JSON logs under ``.cache/demo-logs/``. On CPU with random weights each sentence is capped at
-``$DEMO_MAX_NEW_TOKENS`` speech tokens (default 50 = 2 s of audio; a random T3 never says "stop", so
-without a cap every sentence would run to the 1001-token limit).
+``$DEMO_MAX_NEW_TOKENS`` speech tokens (default 40 = 1.6 s of audio; a random T3 never says "stop", so
+without a cap every sentence would run to the 1001-token limit, minutes of CPU time at full size).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tts_client.cli import describe
 from tts_client.client import make_config, synthesize
 
-DEMO_TEXT = "Hello! This is Chatterbox Turbo, speaking through two streaming services. Text goes in, audio comes out."
+DEMO_TEXT = "Hello! This is Chatterbox Turbo, speaking through two streaming services."
 READY_TIMEOUT_S = float(os.environ.get("DEMO_READY_TIMEOUT", "600"))
 
 
@@ -115,7 +115,7 @@ def main() -> int:
                "TTS_MAX_STREAMS": "4", "TTS_KV_SLOTS": os.environ.get("TTS_KV_SLOTS", "2")}
     max_new = None
     if is_demo:
-        max_new = int(os.environ.get("DEMO_MAX_NEW_TOKENS", "50"))
+        max_new = int(os.environ.get("DEMO_MAX_NEW_TOKENS", "40"))
         tok_env.setdefault("TTS_MAX_SEQ_LEN", "1024")
         tok_env["TTS_MAX_NEW_TOKENS"] = str(max(max_new, 64))
     procs: list[subprocess.Popen] = []

@@ -75,6 +75,9 @@ class VocoderServicer(vocoder_service_pb2_grpc.VocoderServiceServicer):
         status = "OK"
         try:
             with trace.use_span(span, end_on_exit=False):
+                # admitted: say so at once; the token service writes only after this, so a refused call
+                # shows it our status instead of a failed write (grpc/grpc#36066; tests/reliability)
+                await context.send_initial_metadata(())
                 first = await anext(aiter(request_iterator), None)
                 if first is None:
                     await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
@@ -103,6 +106,8 @@ class VocoderServicer(vocoder_service_pb2_grpc.VocoderServiceServicer):
                             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                          f"speech token id {t} (position {i} of chunk {seq}) is out of range: "
                                          f"ids must be < {SPEECH_VOCAB_SIZE}")
+                    if not ids:  # an empty chunk adds nothing (the session itself rejects an empty push)
+                        continue
                     t0 = time.perf_counter()
                     with self.telemetry.tracer.start_as_current_span(
                             "vocoder.chunk", attributes={"tts.tokens": len(ids), "tts.chunk": seq}):
@@ -217,7 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tts-vocoder-service: {exc}", file=sys.stderr)
         return 2
     setup_logging("vocoder-service", cfg.log_level, cfg.log_format)
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # bad model folder, port taken, ...
+        log.error("startup failed: %s", exc, exc_info=cfg.log_level == "DEBUG")
+        print(f"tts-vocoder-service: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

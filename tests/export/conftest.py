@@ -1,4 +1,4 @@
-"""Fixtures for the export tests: small model folders and a reference T3 forward."""
+"""Fixtures for the export tests: a small T3 model folder with two voices, the exported tiny vocoder."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 from token_service.t3.config import T3Config
-from token_service.t3.model import KVCache, T3Model
+from token_service.t3.model import T3Model
 
 
 def write_random_t3_folder(folder: Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """A model folder with random T3 weights of ``preset`` and a random ``conds.pt`` voice."""
+    """A T3-only model folder: random weights of ``preset`` (std 0.05), demo voices ``default`` and ``alt``."""
     cfg = T3Config.preset(preset)
     torch.manual_seed(seed)
     model = T3Model(cfg)
@@ -34,12 +34,10 @@ def tiny_t3_dir(tmp_path_factory) -> Path:
     return write_random_t3_folder(tmp_path_factory.mktemp("tiny_t3"), "tiny")
 
 
-@torch.no_grad()
-def reference_speech_logits(model: T3Model, prefix: torch.Tensor, text_ids: list[int],
-                            speech_ids: list[int]) -> torch.Tensor:
-    """T3 engine forward over ``[prefix | text | speech]`` → speech logits ``(len(text)+len(speech), V_speech)``."""
-    emb = torch.cat([prefix, model.text_emb(torch.tensor(text_ids)), model.speech_emb(torch.tensor(speech_ids))])
-    T = emb.shape[0]
-    cache = KVCache(model.cfg, 1, T)
-    hidden = model.forward_embeds(emb[None], torch.arange(T)[None], cache.view(slice(0, 1)))
-    return model.speech_logits(hidden[0, prefix.shape[0]:])
+@pytest.fixture(scope="session")
+def vocoder_export(demo_tiny_dir, tmp_path_factory):
+    """The tiny demo S3Gen exported to ONNX (checked under onnxruntime) + TensorRT scripts, once."""
+    from export.s3gen_onnx import export_vocoder
+
+    out = tmp_path_factory.mktemp("vocoder_onnx")
+    return out, export_vocoder(demo_tiny_dir, out, check=True)

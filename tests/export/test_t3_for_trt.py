@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.t3_for_trt import (T3ForTRT, T3ForTRTConfig, convert_checkpoint, create_t3_for_trt,
+from export.t3_for_trt import (T3ForTRTConfig, convert_checkpoint, create_t3_for_trt,
                                load_converted_checkpoint, process_logits)
 from export.validate import t3_engine_logits
 from export.voice_prefix import compute_voice_prefix, load_t3_state_dict
@@ -82,7 +82,7 @@ def test_generate_speech_ids_reproducible(tiny):
     model = tiny[3]
     a = model.generate(TEXT, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
     b = model.generate(TEXT, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
-    assert a == b and 0 < len(a) <= 13 and all(0 <= t < 6562 for t in a)
+    assert a == b and 0 < len(a) <= 12 and all(0 <= t < 6562 for t in a)
     greedy = model.generate(TEXT, max_new_tokens=5, top_k=1, repetition_penalty=1.0)
     with torch.no_grad():
         first = model(torch.tensor([TEXT + [model.cfg.start_speech_id]]))[0][0, -1, model.cfg.speech_offset:]

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from export.pipeline import export_trtllm
 from export.t3_for_trt import create_t3_for_trt
@@ -49,7 +48,7 @@ def test_greedy_stream_equals_t3_for_trt(engine, demo_tiny_dir):
     got = asyncio.run(collect(engine.generate("default", text, params)))
     sd, cfg = load_t3_state_dict(demo_tiny_dir)
     model = create_t3_for_trt(sd, compute_voice_prefix(sd, demo_tiny_dir, "default", cfg), cfg)
-    want = model.generate(text, max_new_tokens=11, top_k=1, repetition_penalty=1.0, temperature=1.0)
+    want = model.generate(text, max_new_tokens=12, top_k=1, repetition_penalty=1.0, temperature=1.0)
     want = [t for t in want if t < 6561]
     assert got == want and len(got) > 0
     assert engine.stats()["active"] == 0 and engine.stats()["finished"] == 1
@@ -74,6 +73,10 @@ def test_bad_requests_fail_clearly(engine):
         engine.generate("default", [50276], SamplingParams())
     with pytest.raises(TextError, match="too long"):
         engine.generate("default", [1] * 65, SamplingParams())
+    with pytest.raises(ValueError, match="top_k=2000"):
+        engine.generate("default", [1], SamplingParams(top_k=2000, max_new_tokens=5))
+    req = engine.request_for("default", [1], SamplingParams(top_p=0.0, max_new_tokens=5))
+    assert (req.sampling_config.top_k, req.sampling_config.top_p) == (1, 1.0)
     with pytest.raises(ValueError, match="exceeds the engine's 40"):
         engine.generate("default", [1], SamplingParams(max_new_tokens=41))
 

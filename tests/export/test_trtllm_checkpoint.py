@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from export.pipeline import export_trtllm, full_export_pipeline
 from export.trtllm_checkpoint import BuildLimits, build_engine_script, request_input_ids
-from export.validate import TRTLLMGPTReader, main as validate_main, print_validation_report, run_all_tests
+from export.validate import main as validate_main, print_validation_report, run_all_tests
 from export.voice_prefix import load_t3_state_dict
 
 
@@ -75,6 +76,15 @@ def test_validation_passes(ckpt, capsys):
     assert validate_main(["--checkpoint_dir", str(ckpt), "--prompt_table", str(ckpt / "prompt_table.npz")]) == 0
 
 
+def test_bfloat16_checkpoint_validates(tiny_t3_dir, tmp_path):
+    export_trtllm(tiny_t3_dir, "alt", tmp_path, BuildLimits(dtype="bfloat16", max_batch_size=2))
+    assert load_file(str(tmp_path / "rank0.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+    assert np.load(tmp_path / "prompt_table.npz")["prompt_table"].dtype == np.float32  # numpy has no bf16
+    assert "--gemm_plugin bfloat16" in (tmp_path / "build_engine.sh").read_text()
+    results = run_all_tests(tmp_path, model_dir=tiny_t3_dir, voice="alt")
+    assert all(r.passed for r in results), [(r.name, r.detail) for r in results if not r.passed]
+
+
 def _corrupt(src, dst, fn):
     import shutil
     shutil.copytree(src, dst)
@@ -124,6 +134,17 @@ def test_fullsize_checkpoint_matches_t3(preset, request, tmp_path):
     assert print_validation_report(results)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["hidden_size"]) == ((24, 1024) if preset == "turbo" else (12, 768))
+
+
+def test_full_export_pipeline_writes_everything(demo_tiny_dir, tmp_path):
+    report = full_export_pipeline(demo_tiny_dir, "default", tmp_path, validate=False,
+                                  limits=BuildLimits(max_batch_size=2, max_text_tokens=32, max_new_tokens=64))
+    paths = report["paths"]
+    for key in ("voice_prefix", "trtllm.weights", "trtllm.prompt_table", "trtllm.build_script",
+                "vocoder.flow_encoder", "vocoder.hift_decoder", "vocoder.tensorrt.trtexec_script", "report"):
+        assert Path(paths[key]).is_file(), key
+    saved = json.loads((tmp_path / "export_report.json").read_text())
+    assert saved["voice"] == "default" and set(saved["seconds"]) == {"voice_prefix", "trtllm", "vocoder"}
 
 
 def test_tts_export_cli(tiny_t3_dir, tmp_path, capsys):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from export.s3gen_onnx import export_vocoder
 from export.tensorrt_build import build_all_engines
 from vocoder_service.engine.onnx_backend import load_onnx_engine, load_onnx_model, select_providers
 from vocoder_service.engine.tensorrt_backend import load_tensorrt_engine, load_tensorrt_model
@@ -24,10 +23,8 @@ TOKENS = torch.randint(0, 6561, (57,), generator=torch.Generator().manual_seed(1
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(demo_tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("voc_onnx")
-    export_vocoder(demo_tiny_dir, out, check=False, batch_sizes=(1, 2, 4))
-    return out
+def onnx_dir(vocoder_export):
+    return vocoder_export[0]
 
 
 def stream(model, voice, seed=5) -> np.ndarray:
@@ -39,7 +36,8 @@ def stream(model, voice, seed=5) -> np.ndarray:
 @pytest.fixture(scope="module")
 def torch_audio(demo_tiny_dir):
     model, voices = load_vocoder(demo_tiny_dir)
-    return stream(model, voices["default"]), voices
+    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN re-plans each new conv shape: 10x slower here
+        return stream(model, voices["default"]), voices
 
 
 def test_provider_order():
@@ -96,7 +94,7 @@ def test_tensorrt_shapes_outside_profile_fail_clearly(onnx_dir, demo_tiny_dir, t
     build_all_engines(onnx_dir, tmp_path, trt=fake_tensorrt)
     model = load_tensorrt_model(tmp_path, demo_tiny_dir, "cpu", trt=fake_tensorrt)
     with pytest.raises(ValueError, match="fit no optimisation profile"):
-        model.mel2wav.run("hift_f0", {"mel": np.zeros((64, 80, 10), np.float32)})  # batch 64 > max 4
+        model.mel2wav.run("hift_f0", {"mel": np.zeros((64, 80, 10), np.float32)})  # batch 64 > max 16
     cfg = SimpleNamespace(engine_dir=str(tmp_path), model_dir=str(demo_tiny_dir), voices_dir=None, device="cpu")
     engine = load_tensorrt_engine(cfg, trt=fake_tensorrt)
     assert "default" in engine.voices()

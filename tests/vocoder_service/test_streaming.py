@@ -2,10 +2,10 @@
 
 Thresholds were set from measurement (docs/ARCHITECTURE.md, "Vocoder streaming"): on the tiny
 model, 250 random tokens pushed 7 at a time with the default StreamConfig, seed 11, gave a
-log-mel distance to offline of 0.012 (0.28 between two offline runs of different seeds), a
-largest jump at chunk boundaries of 0.017 against 0.188 inside chunks (offline has 0.016 at the
-same positions). Without the held-back cross-fade the boundary jump was 0.074. Thresholds leave
-~3x headroom and still fail without the cross-fade.
+log-mel distance to offline of 0.0127 (0.283 between two offline runs of different seeds), a
+largest jump at chunk boundaries of 0.0138 against 0.188 inside chunks (offline has 0.0107 at the
+same positions). Without the held-back cross-fade the boundary jump was 0.076. Thresholds leave
+~2-3x headroom and still fail without the cross-fade.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_stream_matches_offline(tiny_model, tiny_voice, tokens, offline):
     at, inside = boundary_jumps(wav, bounds)
     offline_at, _ = boundary_jumps(offline, bounds)
     assert at < 0.25 * inside, (at, inside)
-    assert at < 2 * max(offline_at, 0.01), (at, offline_at)
+    assert at < 3 * max(offline_at, 0.01), (at, offline_at)
 
 
 def test_stream_without_holdback_is_worse(tiny_model, tiny_voice, tokens):

@@ -204,9 +204,19 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step loop (engine thread)
     def _loop(self) -> None:
+        try:
+            self._loop_body()
+        except BaseException as e:  # the thread itself died: no stream may wait forever
+            log.exception("token engine thread died")
+            with self._wake:
+                self._stop = True
+            self._fail_all(RuntimeError(f"the token engine stopped: {type(e).__name__}: {e}"), locked=False)
+
+    def _loop_body(self) -> None:
         torch.set_grad_enabled(False)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_device(idx)
         while True:
             with self._wake:
                 while not self._stop and not self.scheduler.has_work():

@@ -79,6 +79,15 @@ class ModelRunner:
         k, L = self.shape.kv_bucket, self.shape.max_seq_len
         return sorted({min(L, m) for m in range(k, L + k, k)})
 
+    def graph_keys(self) -> list[tuple[int, int]]:
+        """Every (batch bucket, KV bucket) :meth:`decode` can ask for; one CUDA graph each."""
+        sizes = sorted({self.batch_bucket(b) for b in self.shape.graph_batch_sizes})
+        return [(n, kv) for n in sizes for kv in self._kv_buckets()]
+
+    def decode_key(self, n_rows: int, max_position: int) -> tuple[int, int]:
+        """The (batch bucket, KV bucket) a decode over ``n_rows`` rows up to ``max_position`` runs."""
+        return self.batch_bucket(n_rows), self.kv_bucket(max_position + 1)
+
     # ------------------------------------------------------------------ slots
     def activate(self, seq: Sequence, prefix: VoicePrefix) -> None:
         """Reset slot ``seq.slot``'s row state for a new sequence."""
@@ -140,8 +149,7 @@ class ModelRunner:
         """Advance every active slot in rows ``0..n_rows-1`` by one token; returns the sampled ids
         of rows ``0..n_rows-1`` (ignore inactive rows). ``max_position``: the largest position
         any active row writes this step."""
-        n = self.batch_bucket(n_rows)
-        kv_len = self.kv_bucket(max_position + 1)
+        n, kv_len = self.decode_key(n_rows, max_position)
         graph = self.graphs.get((n, kv_len))
         if graph is not None:
             graph.replay()
@@ -153,22 +161,22 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """Capture the decode step for every (batch bucket, KV bucket); state is reset afterwards."""
-        sizes = sorted({self.batch_bucket(b) for b in self.shape.graph_batch_sizes})
+        keys = self.graph_keys()
+        sizes = sorted({n for n, _ in keys})
         pool = None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up (allocator, cuBLAS handles, lazy kernels)
-            for n in sizes:
-                self._decode_body(n, self._kv_buckets()[0])
+            for n, kv_len in keys:
+                self._decode_body(n, kv_len)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        for n in reversed(sizes):  # largest first so the pool fits the rest
-            for kv_len in self._kv_buckets():
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    self._decode_body(n, kv_len)
-                pool = g.pool()
-                self.graphs[(n, kv_len)] = g
+        for n, kv_len in reversed(keys):  # largest first so the pool fits the rest
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._decode_body(n, kv_len)
+            pool = g.pool()
+            self.graphs[(n, kv_len)] = g
         torch.cuda.synchronize(self.device)
         for t in (self.tokens, self.positions, self.active, self.step, self.sampled):
             t.zero_()

@@ -43,6 +43,7 @@ from token_service.t3.text import TextError, TextTokenizer
 log = logging.getLogger(__name__)
 
 META = "t3_trtllm.json"
+MAX_TOP_K = 1024  # TensorRT-LLM's top-k sampling kernels support k <= 1024
 
 
 def _import_executor():
@@ -136,8 +137,13 @@ class TRTLLMEngine:
         lo, hi = m["prompt_ids"]
         input_ids = list(range(lo, hi)) + ids + [m["start_speech_id"]]
         extra = [self.voice_index[voice] + 1] * (hi - lo) + [0] * (len(ids) + 1)
+        if params.top_k > MAX_TOP_K:
+            raise ValueError(f"top_k={params.top_k} exceeds TensorRT-LLM's sampling limit of {MAX_TOP_K}")
         temperature = params.temperature if params.temperature > 0 else 1.0  # upstream: 0 = no scaling
-        sampling = tle.SamplingConfig(beam_width=1, top_k=int(params.top_k), top_p=float(params.top_p),
+        top_k, top_p = int(params.top_k), float(params.top_p)
+        if top_p == 0.0:  # HF keeps only the most likely token; TensorRT-LLM needs top_p in (0, 1]
+            top_k, top_p = 1, 1.0
+        sampling = tle.SamplingConfig(beam_width=1, top_k=top_k, top_p=top_p,
                                       temperature=float(temperature),
                                       repetition_penalty=float(params.repetition_penalty),
                                       seed=int(params.resolved_seed()))

@@ -27,7 +27,11 @@ from .config import T3Config
 
 
 def gelu_new(x: Tensor) -> Tensor:
-    """GPT-2's tanh-approximated GELU (``activation_function="gelu_new"``), written as GPT-2 does."""
+    """GPT-2's tanh-approximated GELU (``activation_function="gelu_new"``), written as GPT-2 does.
+
+    Reference only: :class:`MLP` uses ``F.gelu(approximate="tanh")``, the same formula in one
+    fused kernel (max difference 5e-7 on N(0, 16) inputs in float32; fewer kernels per decode step).
+    """
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
@@ -78,7 +82,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rows: Tensor, positions: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
         """x ``(B, T, C)``; rows ``(B, 1)`` cache row per input row; positions ``(B, T)``;
-        kv cache views ``(B, H, L, D)``; mask ``(B, 1, T, L)`` bool (True = attend)."""
+        kv cache views ``(B, H, L, D)``; mask ``(B, 1, T, L)`` additive (0 = attend, -inf = not)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -97,7 +101,7 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(gelu_new(self.c_fc(x)))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -187,7 +191,10 @@ class T3Model(nn.Module):
         B, T, _ = embeds.shape
         L = kv[0][0].shape[2]
         rows = torch.arange(B, device=embeds.device)[:, None]  # (B, 1)
-        mask = (torch.arange(L, device=embeds.device)[None, None, :] <= positions[:, :, None])[:, None]  # (B,1,T,L)
+        visible = torch.arange(L, device=embeds.device)[None, None, :] <= positions[:, :, None]  # (B, T, L)
+        # additive mask built once per forward (SDPA would convert a bool mask in every layer)
+        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device)
+        mask = mask.masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, L)
         x = embeds + self.tfmr.wpe(positions)
         for block, layer_kv in zip(self.tfmr.h, kv):
             x = block(x, rows, positions, layer_kv, mask)

@@ -14,7 +14,7 @@ so it can re-rank tokens that survived them but never revives a filtered one (``
 
 ``input_ids`` subtlety: for the first token (sampled from the prefill logits) ``input_ids`` is the
 start-of-speech token ``[6561]``; for every later token it is the list of tokens generated so far
-(*without* the start token). :class:`PenaltyState` below tracks that as a ``(B, V)`` "seen" mask.
+(*without* the start token). Callers keep it as a ``(B, V)`` bool "seen" mask.
 
 Per-row parameters are tensors, so one batch may mix requests with different settings, and the
 whole function has static shapes (CUDA-graph capturable). Random draws use a counter-based hash
@@ -30,8 +30,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from .config import START_SPEECH
 
 _MASK32 = 0xFFFFFFFF
 
@@ -135,25 +133,3 @@ def sample(probs: Tensor, seed: Tensor, step: Tensor, vhash: Tensor) -> Tensor:
 def seed32(seed: int) -> int:
     """Fold any Python int seed into 32 bits."""
     return (seed ^ (seed >> 32)) & _MASK32
-
-
-class PenaltyState:
-    """Upstream's repetition-penalty ``input_ids`` as a ``(B, V)`` bool mask per batch row.
-
-    :meth:`start` sets row ``b`` to ``{start-of-speech}`` (the prefill step); :meth:`after_first`
-    resets it to ``{first token}``; :meth:`add` marks each later token.
-    """
-
-    def __init__(self, rows: int, vocab: int, device: torch.device | str):
-        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
-
-    def start(self, row: int) -> None:
-        self.seen[row].zero_()
-        self.seen[row, START_SPEECH] = True
-
-    def reset_to(self, rows: Tensor, tokens: Tensor) -> None:
-        self.seen[rows] = False
-        self.seen[rows, tokens] = True
-
-    def add(self, rows: Tensor, tokens: Tensor) -> None:
-        self.seen[rows, tokens] = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 
 from tts_common.config import ConfigError
@@ -19,7 +20,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def s3gen_engine(model, voices: dict, stream_config=None) -> VocoderEngine:
+def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True) -> VocoderEngine:
     """A VocoderEngine over ``StreamingSession``s of ``model`` (an S3GenModel) for ``voices`` (name -> VoiceCond).
 
     The voice named ``default`` (the model folder's conds.pt) comes first. A session without a seed
@@ -33,7 +34,27 @@ def s3gen_engine(model, voices: dict, stream_config=None) -> VocoderEngine:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         return _TorchSession(StreamingSession(model, voices[voice], seed=seed, config=stream_config))
 
-    return VocoderEngine(open_backend, names)
+    return VocoderEngine(open_backend, names, step_batch=step_batch_s3gen() if batched else None)
+
+
+def step_batch_s3gen():
+    """The batched push of the S3Gen streaming module, adapted to the engine, or None if it has none.
+
+    ``vocoder_service.s3gen.streaming.push_batch(sessions, token_lists) -> list[audio]`` (owned by the
+    streaming module, which alone knows its chunk schedule) runs the ready chunks of several sessions
+    as one ``stream_step`` per group of equal shapes; each session gets what ``push`` would return.
+    """
+    try:
+        from vocoder_service.s3gen.streaming import push_batch
+    except ImportError:
+        return None
+
+    def step(backends: list, token_lists: list[list[int]]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            outs = push_batch([b.session for b in backends], [list(t) for t in token_lists])
+        return [o.float().cpu().numpy() for o in outs]
+
+    return step
 
 
 class _TorchSession:
@@ -55,9 +76,20 @@ class _TorchSession:
 
 
 def load_engine(cfg) -> VocoderEngine:
-    """``cfg.engine == "pytorch"``: our S3Gen modules from ``cfg.model_dir`` on ``cfg.device``."""
+    """``pytorch``: our S3Gen modules from ``cfg.model_dir`` on ``cfg.device``; ``onnxruntime`` /
+    ``tensorrt``: the exported graphs in ``cfg.engine_dir`` (``onnx_backend`` / ``tensorrt_backend``)."""
+    if cfg.engine in ("onnxruntime", "tensorrt"):
+        try:
+            if cfg.engine == "onnxruntime":
+                from vocoder_service.engine.onnx_backend import load_onnx_engine as load
+            else:
+                from vocoder_service.engine.tensorrt_backend import load_tensorrt_engine as load
+        except ImportError as exc:
+            raise ConfigError(f"engine={cfg.engine} is not available in this installation ({exc}); "
+                              f"use --engine pytorch") from None
+        return load(cfg)
     if cfg.engine != "pytorch":
-        raise ConfigError(f"engine={cfg.engine} is not available in this installation's vocoder service; use --engine pytorch")
+        raise ConfigError(f"unknown vocoder engine {cfg.engine!r}")
     from vocoder_service.s3gen.loading import load_vocoder
 
     device = resolve_device(cfg.device)

@@ -54,7 +54,7 @@ class SessionFinished(RuntimeError):
 
 @dataclass(frozen=True)
 class StreamConfig:
-    first_chunk_tokens: int = 10   # tokens decoded by the first step (audio starts after these + 3)
+    first_chunk_tokens: int = 4    # tokens decoded by the first step (audio starts after these + 3)
     chunk_tokens: int = 25         # tokens per later step
     context_tokens: int = 50       # committed tokens re-encoded as left context of the flow
     hift_context_frames: int = 8   # emitted mel frames HiFT sees on the left
