@@ -47,6 +47,7 @@ SPEECH_VOCAB_SIZE = 6561
 QUEUE_CHUNKS = 64  # bound of each queue between the tasks of one stream
 OUT_QUEUE_CHUNKS = 4  # audio chunks (up to 1 s each) held for a client that reads slowly (tests/reliability)
 VOCODER_LINK_MAX_BYTES = 4 * 1024 * 1024
+VOCODER_KEEPALIVE_MS = 10_000  # ping the vocoder link when quiet; no answer in half that: UNAVAILABLE (tests/reliability)
 _NOTHING = object()
 
 
@@ -590,6 +591,9 @@ async def start_server(cfg, engine, telemetry: Telemetry, make_sampling=None) ->
         ("grpc.max_receive_message_length", max(cfg.max_message_bytes, VOCODER_LINK_MAX_BYTES)),
         ("grpc.max_send_message_length", max(cfg.max_message_bytes, VOCODER_LINK_MAX_BYTES)),
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+        # a frozen link (dead route, stuck peer) ends the streams on it instead of hanging them
+        ("grpc.keepalive_time_ms", VOCODER_KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", VOCODER_KEEPALIVE_MS // 2),
     ])
     servicer = TokenServicer(engine, channel, vocoder_target=cfg.vocoder_target, telemetry=telemetry,
                              max_streams=cfg.max_streams, max_text_chars=cfg.max_text_chars,

@@ -16,6 +16,9 @@ batched step (``step_batch(sessions, token_lists) -> list[audio]``) the pending 
 sessions run as one batch; otherwise they run one after another. A caller that is cancelled while its
 call waits is simply dropped; ``close()`` marks the session closed at once and the backend session is
 released on the worker thread after any step it is in.
+
+One engine serves one event loop at a time (the server's); the scheduler task starts on the loop of
+the first call and moves to a new loop only when used from one (tests run several loops in turn).
 """
 
 from __future__ import annotations

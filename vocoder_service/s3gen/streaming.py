@@ -60,11 +60,12 @@ class StreamConfig:
     hift_context_frames: int = 8   # emitted mel frames HiFT sees on the left
     holdback_frames: int = 2       # audio frames held back and cross-faded with the next step
     grow: bool = True              # later chunks double from first_chunk_tokens up to chunk_tokens
+    extra_lookahead_tokens: int = 0  # right context beyond the encoder's own look-ahead (latency for quality)
 
     def __post_init__(self):
         if self.first_chunk_tokens < 1 or self.chunk_tokens < 1:
             raise ValueError("chunk sizes must be >= 1 token")
-        if self.context_tokens < 0 or self.hift_context_frames < 0:
+        if self.context_tokens < 0 or self.hift_context_frames < 0 or self.extra_lookahead_tokens < 0:
             raise ValueError("context sizes must be >= 0")
         if not 0 <= self.holdback_frames <= 2 * min(self.first_chunk_tokens, self.chunk_tokens):
             raise ValueError("holdback_frames must be in [0, 2 * smallest chunk]")
@@ -251,7 +252,7 @@ class StreamingSession:
         tok = check_tokens(tokens, self.model.cfg.vocab_size)
         self.state.tokens.extend(tok.tolist())
         self.n_tokens += tok.numel()
-        la = self.model.cfg.pre_lookahead
+        la = self.model.cfg.pre_lookahead + self.config.extra_lookahead_tokens
         outs = [torch.zeros(0)]
         while self._pending_tokens >= self._next_chunk() + la:
             outs.append(self._run(self._next_chunk(), la, final=False).cpu())
