@@ -249,3 +249,45 @@ def test_sigterm_during_streams_drains_then_exits(demo_tiny_dir, tmp_path):
     for name in ("token-service", "vocoder-service"):
         log = (tmp_path / f"{name}.log").read_text()
         assert '"draining"' in log and '"stopped"' in log, log[-2000:]
+
+
+def test_frozen_link_without_client_deadline_is_detected_by_keepalive(real_pair, monkeypatch):
+    """No client deadline: the token service's keepalive on the vocoder link notices a frozen link and
+    ends the stream with UNAVAILABLE (it used to hang for as long as the link stayed frozen). A quiet but
+    healthy link is not cut: a client that pauses reading for a while still gets all its audio."""
+    import token_service.server as token_server
+
+    monkeypatch.setattr(token_server, "VOCODER_KEEPALIVE_MS", 1000)  # 10 s in production; 1 s + 0.5 s here
+    pair = real_pair()
+    proxy = StallProxy(pair.vocoder.target).start()
+    try:
+        via = real_pair(vocoder_target=proxy.target)
+        via.vocoder = pair.vocoder
+        ref = run(synthesize(via.token.target, LONG_TEXT, timeout=60))
+        _ok(ref)
+
+        # healthy but quiet: pings are answered, nothing is cut while the client pauses for 4 s
+        with grpc.insecure_channel(via.token.target, options=[("grpc.http2.bdp_probe", 0)]) as ch:
+            from tts_client.client import synthesis_requests
+
+            call = token_service_pb2_grpc.TokenServiceStub(ch).Synthesize(synthesis_requests(LONG_TEXT, config()), timeout=60)
+            first = next(call)
+            time.sleep(4.0)
+            rest = list(call)
+        data = first.audio.data + b"".join(r.audio.data for r in rest if r.WhichOneof("kind") == "audio")
+        assert rest[-1].WhichOneof("kind") == "summary" and data == ref.data
+
+        # frozen, no deadline anywhere: UNAVAILABLE after about keepalive time + timeout
+        out = run(synthesize(via.token.target, LONG_TEXT, timeout=None, on_first_audio=proxy.freeze), timeout=60)
+        assert out.code == "UNAVAILABLE" and "vocoder service" in out.details, (out.code, out.details)
+        assert out.seconds < 15, out.seconds
+        t = via.token.wait_idle(5)
+        assert t["active"] == 0 and t["active_streams"] == 0, t
+        proxy.thaw()  # the token side closed its connection; once bytes flow the vocoder sees it and frees the session
+        v = via.vocoder.wait_idle(15)
+        assert v["active_sessions"] == 0 and v["active_streams"] == 0, v
+        _ok(run(synthesize(via.token.target, TEXT, timeout=60)), sentences=2)
+        via.assert_idle()
+        print(f"frozen link detected after {out.seconds:.1f} s without any deadline")
+    finally:
+        proxy.stop()

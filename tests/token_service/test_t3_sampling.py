@@ -101,3 +101,37 @@ def _draw_rows(probs):
 def test_bad_sampling_params_name_the_field(kwargs, word):
     with pytest.raises(ValueError, match=word):
         SamplingParams(**kwargs)
+
+
+def _fast(logits, seen, params, width=1024):
+    from token_service.t3.sampling import process_logits_topk
+    rows = [row_values(p, V) for p in params]
+    f = lambda key, dt: torch.tensor([r[key] for r in rows], dtype=dt)  # noqa: E731
+    return process_logits_topk(logits, seen, f("temperature", torch.float32), f("top_k", torch.long),
+                               f("top_p_threshold", torch.float32), f("top_p_on", torch.bool),
+                               f("penalty", torch.float32), width)
+
+
+def test_topk_fast_path_equals_full_sort_path():
+    g = torch.Generator().manual_seed(1)
+    settings = [SamplingParams(), SamplingParams(temperature=0.5, top_k=50, top_p=0.8, repetition_penalty=1.5),
+                SamplingParams(temperature=1.3, top_k=1, top_p=0.95, repetition_penalty=2.0),
+                SamplingParams(temperature=1.0, top_k=1000, top_p=1.0, repetition_penalty=1.0),
+                SamplingParams(temperature=0.7, top_k=1024, top_p=0.5, repetition_penalty=0.9)]
+    n = 25
+    logits = torch.randn(n, V, generator=g) * (1 + 3 * torch.rand(n, 1, generator=g))
+    seen = torch.rand(n, V, generator=g) < 0.05
+    params = [settings[i % len(settings)] for i in range(n)]
+    full, fast = _ours(logits, seen, params), _fast(logits, seen, params)
+    assert torch.equal(torch.isinf(full), torch.isinf(fast))  # same support
+    assert float((torch.softmax(full, -1) - torch.softmax(fast, -1)).abs().max()) <= 1e-6
+
+
+def test_topk_fast_path_keeps_ties_with_the_kth_value():
+    lg = torch.randn(2, V)
+    lg[:, :40] = 5.0  # 40 tied maxima, top_k=10 keeps all of them (HF: s < kth dropped)
+    seen = torch.zeros(2, V, dtype=torch.bool)
+    ps = [SamplingParams(top_k=10, top_p=1.0, temperature=1.0, repetition_penalty=1.0)] * 2
+    full, fast = _ours(lg, seen, ps), _fast(lg, seen, ps, width=64)
+    assert int(torch.isfinite(fast[0]).sum()) == 40
+    assert torch.equal(full, fast)

@@ -6,7 +6,9 @@ import wave
 
 import numpy as np
 import pytest
+import torch
 
+from tests.vocoder_service.helpers import log_mel_distance
 from vocoder_service.__main__ import main
 
 
@@ -24,10 +26,15 @@ def test_render_offline_and_streamed(demo_tiny_dir, tmp_path):
     assert main(["render", "--model", str(demo_tiny_dir), "--tokens", str(tok_file), "--out", str(off), "--seed", "3"]) == 0
     assert main(["render", "--model", str(demo_tiny_dir), "--tokens", str(tok_file), "--out", str(streamed),
                  "--seed", "3", "--stream-chunk", "5"]) == 0
-    a, b = _read(off), _read(streamed)
+    other = tmp_path / "other.wav"
+    assert main(["render", "--model", str(demo_tiny_dir), "--tokens", str(tok_file), "--out", str(other), "--seed", "4"]) == 0
+    a, b, c = _read(off), _read(streamed), _read(other)
     assert a.size == b.size == len(tokens) * 960
-    assert np.abs(a).max() > 0
-    assert np.abs(a - b).max() < 0.1  # same seed: streamed is close to offline
+    assert np.abs(a).max() > 0.01
+    # same seed: streamed is much closer to offline than another seed is (measured 0.075 vs 0.32)
+    d_stream = log_mel_distance(torch.from_numpy(b), torch.from_numpy(a))
+    d_seed = log_mel_distance(torch.from_numpy(c), torch.from_numpy(a))
+    assert d_stream < 0.5 * d_seed, (d_stream, d_seed)
 
 
 def test_render_rejects_bad_tokens(demo_tiny_dir, tmp_path):
