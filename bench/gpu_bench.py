@@ -189,6 +189,19 @@ async def _run_one(engine, ids, params) -> tuple[list[int], float, float]:
     return toks, first or float("nan"), time.perf_counter() - t0
 
 
+def _tdiff(a: dict, b: dict) -> dict:
+    """Engine-thread time split between two ``engine.timings()`` snapshots, with per-call ms."""
+    d = {k: a[k] - b.get(k, 0) for k in a if k != "kv_gb"}
+    out = {k: round(v, 3) for k, v in d.items()}
+    if d.get("prefills"):
+        out["prefill_ms_each"] = round(1000 * d["prefill_s"] / d["prefills"], 2)
+    if d.get("decodes"):
+        out["decode_ms_each"] = round(1000 * d["decode_s"] / d["decodes"], 3)
+        out["emit_ms_each"] = round(1000 * d["emit_s"] / d["decodes"], 3)
+    out["kv_gb"] = round(a["kv_gb"], 2)
+    return out
+
+
 @section("t3")
 def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
     from token_service.t3.sampling import SamplingParams
@@ -209,10 +222,45 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
                 out.append((len(toks), ttft, total))
         return out
 
+    def replay_ms(group, n: int, kv: int, reps: int = 200) -> float | None:
+        """GPU time of one captured decode step (engine idle; touches only idle rows' state)."""
+        gr = group.graphs.get((n, kv))
+        if gr is None:
+            return None
+        gr.replay()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            gr.replay()
+        sync()
+        return round((time.perf_counter() - t0) / reps * 1000, 4)
+
+    if DEVICE == "cuda":
+        r["decode_graph_ms"] = {"1x512": replay_ms(eng.runner.groups[0], 1, 512),
+                                "8x512": replay_ms(eng.runner.groups[0], 8, 512)}
+        print(f"  graph replay ms/step: {r['decode_graph_ms']}", flush=True)
+    tm0 = eng.timings()
     runs = asyncio.run(bs1())
     print(f"  bs1 runs (tokens, ttft, total): {runs}", flush=True)
+    r["peak_gpu_mem_GB_conc1"] = peak_gb()
+    r["timings_bs1"] = _tdiff(eng.timings(), tm0)
+    print(f"  bs1 engine-thread split: {r['timings_bs1']}; peak {r['peak_gpu_mem_GB_conc1']:.2f} GB", flush=True)
     r["t3_tokens_per_s_bs1"] = statistics.median([(n - 1) / (tot - f) for n, f, tot in runs if n > 1])
     r["t3_ttft_ms_bs1"] = statistics.median([f * 1000 for _, f, _ in runs])
+
+    # KV groups beyond the first are created on first use (allocation + graph capture); create them
+    # all now so the sweep times steady state, and report what growing costs.
+    t_grow = time.perf_counter()
+    for i in range(len(eng.runner.groups)):
+        eng.runner.ensure_group(i)
+    sync()
+    r["kv_grow_all_s"] = time.perf_counter() - t_grow
+    r["kv_groups"] = [g.size for g in eng.runner.groups]
+    print(f"  grew KV groups {r['kv_groups']} in {r['kv_grow_all_s']:.1f}s", flush=True)
+    if DEVICE == "cuda":
+        last = eng.runner.groups[-1]
+        r["decode_graph_ms"][f"{last.size}x512"] = replay_ms(last, last.size, 512)
+        print(f"  graph replay ms/step: {r['decode_graph_ms']}", flush=True)
 
     async def batch(n: int):
         ps = [SamplingParams(max_new_tokens=n_tokens, seed=i) for i in range(n)]
@@ -223,8 +271,11 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
 
     sweep_r = {}
     for n in sweep:
+        tm0 = eng.timings()
         agg, ttfts = asyncio.run(batch(n))
-        print(f"  batch {n}: {agg:.0f} tok/s", flush=True)
+        split = _tdiff(eng.timings(), tm0)
+        print(f"  batch {n}: {agg:.0f} tok/s; ttft ms {sorted(round(t * 1000) for t in ttfts)[:: max(1, n // 8)]}; "
+              f"split {split}", flush=True)
         sweep_r[n] = {"aggregate_tokens_per_s": agg, "ttft_p50_ms": pct(ttfts, 50) * 1000,
                       "ttft_p99_ms": pct(ttfts, 99) * 1000, "realtime_streams_equiv": agg / 25.0}
     r["batch_sweep"] = sweep_r

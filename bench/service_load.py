@@ -74,6 +74,7 @@ SENTENCES = [
     "Let me read that back to you once more.",
 ]
 PCM16_BYTES = 2
+CPU_MAX_LEVEL = 16  # services_section on CPU: higher sweep levels are skipped (recorded in the results)
 SAMPLE_RATE = 24_000
 
 
@@ -625,6 +626,7 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     Each stream speaks one or two sentences capped at ``max_new_tokens`` speech tokens each (random
     weights never say stop): 72 (+3 silence) = 3 s a sentence, so 3–6 s a stream. Each level runs two
     rounds of its concurrency (starts spread over 1 s) and starts nothing after ``level_time_s``.
+    On CPU, levels above ``CPU_MAX_LEVEL`` are skipped (``skipped_levels_on_cpu``).
     """
     import torch
 
@@ -635,6 +637,8 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
         max_new_tokens = 72 if on_gpu else 22
     if level_time_s is None:
         level_time_s = 45.0 if on_gpu else 30.0
+    skipped = [] if on_gpu else [n for n in sweep if n > CPU_MAX_LEVEL]
+    sweep = [n for n in sweep if n not in skipped] or [1]
     top = max(sweep)
     # KV slots are static memory: size them to what a stream needs (voice prefix + text + speech tokens).
     max_seq_len = 768  # 376-position voice prefix + text (<= 320 tokens) + max_new_tokens
@@ -643,6 +647,8 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     out: dict[str, Any] = {"config": {"device": device, "max_streams": top, "kv_slots": top, "max_seq_len": max_seq_len,
                                       "max_new_tokens_per_sentence": max_new_tokens, "words_per_piece": spec.words_per_piece,
                                       "piece_gap_ms": spec.piece_gap_s * 1000}}
+    if skipped:
+        out["skipped_levels_on_cpu"] = skipped
     results["services"] = out
     procs = ServiceProcesses(Path(model_dir), device=device, max_streams=top, token_flags=token_flags,
                              log_dir=log_dir, ready_timeout_s=ready_timeout_s)

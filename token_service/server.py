@@ -594,6 +594,7 @@ async def start_server(cfg, engine, telemetry: Telemetry, make_sampling=None) ->
         # a frozen link (dead route, stuck peer) ends the streams on it instead of hanging them
         ("grpc.keepalive_time_ms", VOCODER_KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", VOCODER_KEEPALIVE_MS // 2),
+        ("grpc.http2.ping_timeout_ms", VOCODER_KEEPALIVE_MS // 2),  # any unanswered ping (BDP ones too)
     ])
     servicer = TokenServicer(engine, channel, vocoder_target=cfg.vocoder_target, telemetry=telemetry,
                              max_streams=cfg.max_streams, max_text_chars=cfg.max_text_chars,

@@ -67,6 +67,13 @@ class ServiceServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # accept the token service's 10 s link pings (the default minimum is 5 minutes,
+                # after which a server answers "too many pings" and closes the connection)
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                # recycle connections so clients behind client-side load balancing (token pods
+                # -> headless vocoder Service) discover new pods; in-flight streams get 10 min
+                ("grpc.max_connection_age_ms", 300_000),
+                ("grpc.max_connection_age_grace_ms", 600_000),
                 ("grpc.so_reuseport", 0),
             ]
         )

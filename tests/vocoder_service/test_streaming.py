@@ -17,7 +17,7 @@ import torch
 
 from tests.vocoder_service.helpers import boundary_jumps, log_mel_distance
 from vocoder_service.s3gen.streaming import (SessionClosed, SessionFinished, StreamConfig, StreamingSession,
-                                             new_state, stream_step)
+                                             new_state, push_batch, stream_step)
 
 T = 250
 SEED = 11
@@ -155,3 +155,20 @@ def test_batched_step_equals_single(tiny_model, tiny_voice, tokens):
             torch.testing.assert_close(out_b[i], out_s, rtol=1e-5, atol=1e-6)
         pos += n
     assert all(o.numel() > 0 for o in single)
+
+
+def test_push_batch_equals_solo_pushes(tiny_model, tiny_voice, tokens):
+    rows = [tokens[:50], tokens[50:100], tokens[100:150]]
+    solo = [stream(tiny_model, tiny_voice, r, [9], seed=i)[0] for i, r in enumerate(rows)]
+    sessions = [StreamingSession(tiny_model, tiny_voice, seed=i) for i in range(3)]
+    outs = [[] for _ in rows]
+    for i in range(0, 50, 9):
+        for k, o in enumerate(push_batch(sessions, [r[i:i + 9] for r in rows])):
+            outs[k].append(o)
+    for k, s in enumerate(sessions):
+        outs[k].append(s.finish())
+        torch.testing.assert_close(torch.cat(outs[k]), solo[k], rtol=1e-4, atol=1e-5)
+    fresh = [StreamingSession(tiny_model, tiny_voice) for _ in range(2)]
+    with pytest.raises(ValueError, match="session 1"):
+        push_batch(fresh, [[1, 2], [7000]])
+    assert fresh[0].n_tokens == 0  # nothing was taken when one list was bad

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Sequence as Seq
@@ -42,7 +43,10 @@ class EngineConfig:
     """Everything the token engine needs; ``device``/``dtype`` ``"auto"`` = CUDA + bf16 if present, else CPU fp32.
 
     ``max_seq_len`` bounds prefix + text + 1 + generated tokens per slot; KV memory is
-    ``2 · n_layer · n_embd · max_seq_len · bytes · max_slots`` (Turbo bf16, 2048: 201 MB per slot).
+    ``2 · n_layer · n_embd · max_seq_len · bytes`` per slot (Turbo bf16, 2048: 201 MB), allocated
+    in groups of ``kv_first_group, kv_first_group, 2×, 4×, …`` slots the first time a group is
+    needed (``kv_first_group=0``: all ``max_slots`` at start-up). ``preallocate_slots`` creates
+    the groups covering that many slots (and captures their graphs) at start-up instead.
     """
 
     model_dir: str | Path
@@ -56,6 +60,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     kv_bucket: int = 256
+    kv_first_group: int = 8
+    preallocate_slots: int = 0
     default_max_new_tokens: int = 1001  # upstream's max_gen_len=1000 -> at most 1001 samples
 
     def resolved_device(self) -> torch.device:
@@ -104,13 +110,19 @@ class LLMEngine:
         self.tokenizer = tokenizer if tokenizer is not None else TextTokenizer(config.model_dir, self.max_text_tokens)
         self.tokenizer.max_tokens = min(self.tokenizer.max_tokens, self.max_text_tokens)
         sizes = tuple(sorted(b for b in config.graph_batch_sizes if b < config.max_slots)) + (config.max_slots,)
-        self.runner = ModelRunner(self.model, RunnerShape(config.max_slots, config.max_seq_len, sizes,
-                                                          config.kv_bucket, config.cuda_graphs), self.device, self.dtype)
+        self.runner = ModelRunner(self.model, RunnerShape(config.max_slots, config.max_seq_len, sizes, config.kv_bucket,
+                                                          config.cuda_graphs, config.kv_first_group),
+                                  self.device, self.dtype)
+        for i, g in enumerate(self.runner.groups):
+            if g.start < min(config.preallocate_slots, config.max_slots):
+                self.runner.ensure_group(i)
         self.scheduler = Scheduler(config.max_slots, config.max_waiting, config.max_prefills_per_step)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
         self._counters = dict(steps=0, tokens=0, finished=0, cancelled=0, failed=0)
+        # engine-thread time split (seconds): prefill (incl. first sample), decode (incl. the id read-back)
+        self._timing = dict(prefill_s=0.0, prefills=0, decode_s=0.0, decodes=0, emit_s=0.0)
         self._thread = threading.Thread(target=self._loop, name="t3-engine", daemon=True)
         self._thread.start()
 
@@ -150,6 +162,10 @@ class LLMEngine:
             running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
             return dict(active=running + waiting, running=running, waiting=waiting,
                         free_slots=self.scheduler.free_slots, max_slots=self.config.max_slots, **self._counters)
+
+    def timings(self) -> dict[str, float]:
+        """Engine-thread seconds spent in prefill / decode / emitting, and how many of each (profiling)."""
+        return dict(self._timing, kv_gb=self.runner.kv_nbytes() / 1e9)
 
     def close(self) -> None:
         """Stop the step thread; streams still open end with an error."""
@@ -233,10 +249,14 @@ class LLMEngine:
                 self._fail_all(e, locked=False)
 
     def _step(self, admitted: list[Sequence]) -> None:
+        tm = self._timing
         for seq in admitted:
             if seq.cancelled:
                 continue
+            t0 = time.perf_counter()
             tok = self.runner.prefill(seq, self.prefixes[seq.voice])
+            tm["prefill_s"] += time.perf_counter() - t0
+            tm["prefills"] += 1
             seq.prefilled = True
             self._emit(seq, tok)
         with self._lock:
@@ -244,12 +264,16 @@ class LLMEngine:
         batch = [s for s in batch if not s.cancelled]
         if not batch:
             return
-        n_rows = max(s.slot for s in batch) + 1
-        toks = self.runner.decode(n_rows, max(s.position for s in batch))
+        t0 = time.perf_counter()
+        toks = self.runner.decode([(s.slot, s.position) for s in batch])
+        t1 = time.perf_counter()
         self._counters["steps"] += 1
         for seq in batch:
             seq.position += 1
             self._emit(seq, toks[seq.slot])
+        tm["decode_s"] += t1 - t0
+        tm["decodes"] += 1
+        tm["emit_s"] += time.perf_counter() - t1
 
     def _emit(self, seq: Sequence, tok: int) -> None:
         """Account one sampled token of ``seq``: stream it, or end the sequence."""

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .config import SPEECH_VOCAB_VALID, START_SPEECH, STOP_SPEECH, S3GEN_SIL
 from .model import KVCache, T3Model
-from .sampling import SamplingParams, process_logits, row_values, sample, seed32, vocab_hash
+from .sampling import (TOPK_WIDTH, SamplingParams, process_logits, process_logits_topk, row_values, sample, seed32,
+                       vocab_hash)
 from .voice import VoicePrefix
 
 
@@ -95,7 +96,8 @@ def stream_speech_tokens(model: T3Model, prefix: VoicePrefix, text_ids: Sequence
     logits = prefill(model, cache, 0, prefix, ids)[None]
     pos = prefix.length + ids.numel() + 1
     for step in range(params.max_new_tokens):
-        scores = process_logits(logits, seen, temp, top_k, thr, p_on, pen)
+        scores = (process_logits_topk if rv["top_k"] <= TOPK_WIDTH else process_logits)(
+            logits, seen, temp, top_k, thr, p_on, pen)  # the engine's choice of path, for equal draws
         tok = sample(scores.softmax(-1), seed, torch.tensor([step], device=dev), vh)
         t = int(tok)
         if t == STOP_SPEECH:

@@ -121,7 +121,7 @@ def process_logits_topk(logits: Tensor, seen: Tensor, temperature: Tensor, top_k
     width = min(width, V)
     s = logits / temperature[:, None]
     vals, idx = torch.topk(s, width, dim=-1, largest=True, sorted=True)  # (B, W) descending
-    kth = vals.gather(1, (top_k - 1)[:, None])  # (B, 1)
+    kth = vals.gather(1, (top_k.clamp(max=width) - 1)[:, None])  # (B, 1); clamp: idle rows in a batch
     s = s.masked_fill(s < kth, float("-inf"))
     asc = vals.masked_fill(vals < kth, float("-inf")).flip(-1)  # survivors ascending, -inf first
     cum = asc.softmax(dim=-1).cumsum(dim=-1)

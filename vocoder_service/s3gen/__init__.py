@@ -1,7 +1,7 @@
 """S3Gen in our own PyTorch modules: tokens -> mel (conformer + meanflow) -> 24 kHz audio (HiFT)."""
 from .config import S3GenConfig
 from .model import S3GenModel, VoiceCond
-from .streaming import SessionClosed, SessionFinished, StreamConfig, StreamingSession, stream_step
+from .streaming import SessionClosed, SessionFinished, StreamConfig, StreamingSession, push_batch, stream_step
 
 __all__ = ["S3GenConfig", "S3GenModel", "VoiceCond", "StreamConfig", "StreamingSession", "SessionClosed",
-           "SessionFinished", "stream_step"]
+           "SessionFinished", "stream_step", "push_batch"]

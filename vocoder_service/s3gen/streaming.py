@@ -11,6 +11,10 @@ Stable API (the vocoder engine wraps it)::
 Bad input raises ``ValueError`` / ``TypeError`` naming the problem; the session stays usable.
 ``push`` after ``finish`` raises ``SessionFinished``.
 
+Batched: ``push_batch(sessions, token_lists) -> list[audio]`` equals ``[s.push(t) ...]`` but runs
+the ready steps of equally shaped sessions as one ``stream_step`` (``push`` is ``push_batch`` of
+one). ``finish`` runs alone (its last chunk has a stream-specific size).
+
 Design (docs/ARCHITECTURE.md, "Vocoder streaming", has the measured numbers):
 
 * Flow: the encoder attends over the whole sequence and its look-ahead conv needs
@@ -25,6 +29,9 @@ Design (docs/ARCHITECTURE.md, "Vocoder streaming", has the measured numbers):
   previous step and the sine phase continues from the cached cycle count, so the source is
   continuous.  The last ``holdback_frames`` of audio are held back (their right context is not
   known yet) and cross-faded (raised cosine) with their recomputation in the next step.
+* Schedule: the first step commits ``first_chunk_tokens`` (4: audio after 7 tokens), later
+  steps double (8, 16) up to ``chunk_tokens`` (25) when ``grow``; step sizes depend only on the
+  schedule, not on how the tokens were pushed.
 * Lengths: every token yields exactly 960 samples in total; upstream's 40 ms start fade is
   applied to the first samples of the stream.
 * Batching: ``stream_step`` is functional: it takes several sessions' states and equally shaped
@@ -55,7 +62,7 @@ class SessionFinished(RuntimeError):
 @dataclass(frozen=True)
 class StreamConfig:
     first_chunk_tokens: int = 4    # tokens decoded by the first step (audio starts after these + 3)
-    chunk_tokens: int = 25         # tokens per later step
+    chunk_tokens: int = 25         # tokens per later step (the cap when ``grow``)
     context_tokens: int = 50       # committed tokens re-encoded as left context of the flow
     hift_context_frames: int = 8   # emitted mel frames HiFT sees on the left
     holdback_frames: int = 2       # audio frames held back and cross-faded with the next step
@@ -179,11 +186,12 @@ def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.
         # carry state
         new_emitted = s.emitted + emit_frames
         keep_from = max(0, h + emit_frames - config.hift_context_frames)
-        s.mel_hist = mel_in[b, :, keep_from:h + emit_frames]
-        s.mel_pending = mel_in[b, :, h + emit_frames:]
-        s.src_hist = source[b, :, keep_from * hop:(h + emit_frames) * hop]
+        # clones: a row's state never holds a view of the batch tensors (other rows' data)
+        s.mel_hist = mel_in[b, :, keep_from:h + emit_frames].clone()
+        s.mel_pending = mel_in[b, :, h + emit_frames:].clone()
+        s.src_hist = source[b, :, keep_from * hop:(h + emit_frames) * hop].clone()
         if emit_frames > 0:
-            s.cycles = waves_cycles[b, :, emit_frames * hop - 1]
+            s.cycles = waves_cycles[b, :, emit_frames * hop - 1].clone()
         s.tail = audio[b, (h + emit_frames) * hop:].clone() if not final else None
         s.emitted = new_emitted
         s.committed += n
@@ -238,25 +246,26 @@ class StreamingSession:
             return c.chunk_tokens
         return min(c.chunk_tokens, max(self._last_chunk * 2, 1))
 
-    def _run(self, n: int, la: int, final: bool) -> torch.Tensor:
+    @property
+    def _lookahead(self) -> int:
+        return self.model.cfg.pre_lookahead + self.config.extra_lookahead_tokens
+
+    def _slice(self, n: int, la: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``n`` uncommitted tokens (1, n) and the ``la`` after them (1, la)."""
         s = self.state
         i = s.committed - s.token_base
-        chunk = torch.tensor([s.tokens[i:i + n]], dtype=torch.long).view(1, n)
-        ahead = torch.tensor([s.tokens[i + n:i + n + la]], dtype=torch.long).view(1, la)
+        chunk = torch.tensor(s.tokens[i:i + n], dtype=torch.long).view(1, n)
+        ahead = torch.tensor(s.tokens[i + n:i + n + la], dtype=torch.long).view(1, la)
+        return chunk, ahead
+
+    def _run(self, n: int, la: int, final: bool) -> torch.Tensor:
+        chunk, ahead = self._slice(n, la)
         self._last_chunk = n
-        return stream_step(self.model, [s], chunk, ahead, final, self.config)[0]
+        return stream_step(self.model, [self.state], chunk, ahead, final, self.config)[0]
 
     def push(self, tokens: Any) -> torch.Tensor:
         """Add speech tokens; returns the audio that became final (float32, 1-D, maybe empty)."""
-        self._check_open()
-        tok = check_tokens(tokens, self.model.cfg.vocab_size)
-        self.state.tokens.extend(tok.tolist())
-        self.n_tokens += tok.numel()
-        la = self.model.cfg.pre_lookahead + self.config.extra_lookahead_tokens
-        outs = [torch.zeros(0)]
-        while self._pending_tokens >= self._next_chunk() + la:
-            outs.append(self._run(self._next_chunk(), la, final=False).cpu())
-        return torch.cat(outs)
+        return push_batch([self], [tokens])[0]
 
     def finish(self) -> torch.Tensor:
         """End of the stream: decode every remaining token and return the rest of the audio."""
@@ -270,3 +279,48 @@ class StreamingSession:
         """Free the state (idempotent)."""
         self.closed = True
         self.state = None  # type: ignore[assignment]
+
+
+def push_batch(sessions: Sequence[StreamingSession], token_lists: Sequence[Any]) -> list[torch.Tensor]:
+    """``[s.push(t) for s, t in zip(sessions, token_lists)]``, with the ready steps of equal shape
+    (same model, config, chunk size, look-ahead, prompt length, context lengths) run as one batched
+    ``stream_step``. Every input is validated before any session changes; one bad list raises and
+    no session takes tokens. Returns each session's new audio (1-D float32 CPU, maybe empty).
+    """
+    if len(sessions) != len(token_lists):
+        raise ValueError(f"push_batch got {len(sessions)} sessions and {len(token_lists)} token lists")
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("push_batch got the same session twice")
+    checked = []
+    for k, (sess, toks) in enumerate(zip(sessions, token_lists)):
+        sess._check_open()
+        try:
+            checked.append(check_tokens(toks, sess.model.cfg.vocab_size))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e}" if len(sessions) == 1 else f"session {k}: {e}") from None
+    for sess, tok in zip(sessions, checked):
+        sess.state.tokens.extend(tok.tolist())
+        sess.n_tokens += tok.numel()
+    outs: list[list[torch.Tensor]] = [[torch.zeros(0)] for _ in sessions]
+    while True:
+        groups: dict[tuple, list[int]] = {}
+        for i, sess in enumerate(sessions):
+            n, la = sess._next_chunk(), sess._lookahead
+            if sess._pending_tokens < n + la:
+                continue
+            st = sess.state
+            key = (id(sess.model), sess.config, n, la, st.voice.n_prompt_tokens,
+                   min(sess.config.context_tokens, st.committed), st.mel_hist.size(1), st.mel_pending.size(1))
+            groups.setdefault(key, []).append(i)
+        if not groups:
+            break
+        for (_, config, n, la, *_), idx in groups.items():
+            parts = [sessions[i]._slice(n, la) for i in idx]
+            chunk = torch.cat([c for c, _ in parts])
+            ahead = torch.cat([a for _, a in parts])
+            model = sessions[idx[0]].model
+            audio = stream_step(model, [sessions[i].state for i in idx], chunk, ahead, False, config)
+            for i, a in zip(idx, audio):
+                sessions[i]._last_chunk = n
+                outs[i].append(a.cpu())
+    return [torch.cat(o) for o in outs]

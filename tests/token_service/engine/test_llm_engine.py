@@ -158,3 +158,25 @@ def test_many_streams_with_random_cancels_leak_nothing(demo_tiny_dir):
         assert s["cancelled"] + s["finished"] == 40
     finally:
         eng.close()
+
+
+def test_streams_across_lazily_allocated_kv_groups(demo_tiny_dir, reference):
+    """Slot groups of 1, 1, 2: a group's KV cache appears when one of its slots is first used, and
+    streams spread over several groups still equal the single-sequence path."""
+    eng = LLMEngine(EngineConfig(model_dir=demo_tiny_dir, device="cpu", max_slots=4, max_seq_len=376 + 64 + 200,
+                                 default_max_new_tokens=200, kv_first_group=1))
+    try:
+        assert [g.size for g in eng.runner.groups] == [1, 1, 2]
+        assert [g.cache is not None for g in eng.runner.groups] == [True, False, False]
+        requests = [([3 + i, 100 + i] * (1 + i % 2), SamplingParams(seed=10 + i, max_new_tokens=8 + 3 * i,
+                     top_k=[1000, 0][i % 2])) for i in range(6)]
+
+        async def run():
+            return await asyncio.gather(*(_collect(eng.generate("default", ids, p)) for ids, p in requests))
+
+        for (ids, p), got in zip(requests, asyncio.run(run())):
+            assert got == reference(ids, p)
+        assert all(g.cache is not None for g in eng.runner.groups)
+        assert eng.stats()["free_slots"] == 4
+    finally:
+        eng.close()
