@@ -520,7 +520,8 @@ def run_sweep(target: str, levels: Sequence[int], requests: int | None, spec: St
         fig["rss_mb_after"] = {k: rss_mb(p) for k, p in pids.items()}
         if gpu is not None:
             fig["gpu_mem_MB_peak_by_pid"] = gpu.mark()
-        out["levels"][n] = fig
+        key = n if n not in out["levels"] else f"{n}#{sum(1 for k in out['levels'] if str(k).split('#')[0] == str(n))}"
+        out["levels"][key] = fig  # a level given twice (e.g. 4,4,4 to watch memory) gets "4#1", "4#2"
         log(f"  concurrency {n}: {fig['ok']}/{fig['requests']} ok, TTFA p50 {fig['ttfa_p50_ms']:.0f} ms "
             f"p99 {fig['ttfa_p99_ms']:.0f} ms, underruns {fig['underruns']}, {fig['audio_s_per_s']:.2f} audio s/s, "
             f"errors {fig['errors_by_code']}")
@@ -585,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kw = dict(level_time_s=args.level_time, ramp_s=args.ramp, warmup=args.warmup, tolerance=args.tolerance_ms / 1000,
               rounds=args.rounds)
     procs = None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop spawned services
     if args.spawn:
         procs = ServiceProcesses(Path(args.spawn), device=args.device, max_streams=args.max_streams or max(levels),
                                  token_flags=args.token_flags.split(), log_dir=Path(args.log_dir) if args.log_dir else None)

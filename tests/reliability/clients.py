@@ -10,6 +10,7 @@ import grpc
 
 from tts_api.v1 import common_pb2, token_service_pb2, token_service_pb2_grpc
 
+MAX_NEW = 20  # the reliability servers' cap on speech tokens per sentence (conftest.py): small CPU time
 LONG_TEXT = " ".join(f"This is sentence number {i}, spoken slowly and clearly." for i in range(12))
 
 
@@ -105,3 +106,12 @@ def sync_synthesize(target: str, text: str, *, timeout: float = 60.0, cfg=None) 
             return Outcome(code=err.code().name, details=err.details() or "", seconds=time.perf_counter() - t0)
     return Outcome(code="OK", chunks=len(r.chunks), samples=r.samples, summary=r.summary, data=r.data,
                    first_audio_s=r.first_audio_seconds, seconds=time.perf_counter() - t0)
+
+
+def same_audio(a: bytes, b: bytes, max_step: int = 32) -> bool:
+    """Two PCM16 streams of equal length whose samples differ by at most ``max_step`` (float rounding
+    under different batching moves a few steps; different speech tokens would move thousands)."""
+    import numpy as np
+
+    x, y = np.frombuffer(a, "<i2").astype(int), np.frombuffer(b, "<i2").astype(int)
+    return x.shape == y.shape and x.size > 0 and int(np.abs(x - y).max()) <= max_step

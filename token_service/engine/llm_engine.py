@@ -56,7 +56,8 @@ class EngineConfig:
     max_slots: int = 64
     max_seq_len: int = 2048
     max_waiting: int = 256
-    max_prefills_per_step: int = 4
+    max_prefills_per_step: int = 8
+    prefill_rows: int = 4  # CUDA: sequences prefilled together in one staged graph run
     cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     kv_bucket: int = 256
@@ -79,6 +80,11 @@ class EngineConfig:
         if dt not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         return dt
+
+
+def _put_all(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 class LLMEngine:
@@ -111,7 +117,8 @@ class LLMEngine:
         self.tokenizer.max_tokens = min(self.tokenizer.max_tokens, self.max_text_tokens)
         sizes = tuple(sorted(b for b in config.graph_batch_sizes if b < config.max_slots)) + (config.max_slots,)
         self.runner = ModelRunner(self.model, RunnerShape(config.max_slots, config.max_seq_len, sizes, config.kv_bucket,
-                                                          config.cuda_graphs, config.kv_first_group),
+                                                          config.cuda_graphs, config.kv_first_group,
+                                                          prefill_rows=max(1, min(config.prefill_rows, config.max_prefills_per_step))),
                                   self.device, self.dtype)
         for i, g in enumerate(self.runner.groups):
             if g.start < min(config.preallocate_slots, config.max_slots):
@@ -122,6 +129,7 @@ class LLMEngine:
         self._stop = False
         self._counters = dict(steps=0, tokens=0, finished=0, cancelled=0, failed=0)
         # engine-thread time split (seconds): prefill (incl. first sample), decode (incl. the id read-back)
+        self._pending: dict[object, list] = {}  # event loop -> [(queue, item)] of this step
         self._timing = dict(prefill_s=0.0, prefills=0, decode_s=0.0, decodes=0, emit_s=0.0)
         self._thread = threading.Thread(target=self._loop, name="t3-engine", daemon=True)
         self._thread.start()
@@ -186,6 +194,7 @@ class LLMEngine:
                 self._cancel(seq)
 
         seq.deliver = deliver
+        seq.loop, seq.queue = loop, queue
         with self._wake:
             if self._stop:
                 raise RuntimeError("the token engine is shut down")
@@ -249,16 +258,40 @@ class LLMEngine:
                 self._fail_all(e, locked=False)
 
     def _step(self, admitted: list[Sequence]) -> None:
+        try:
+            self._step_inner(admitted)
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this step's items to their event loops: one ``call_soon_threadsafe`` per loop."""
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody listens any more
+                with self._lock:
+                    orphans = [s for s in self.scheduler.running.values() if s.loop is loop]
+                for seq in orphans:
+                    self._cancel(seq)
+
+    def _post(self, seq: Sequence, item: object) -> None:
+        if seq.loop is None:  # a Sequence not made by _stream (tests): deliver directly
+            seq.deliver(item)
+        else:
+            self._pending.setdefault(seq.loop, []).append((seq.queue, item))
+
+    def _step_inner(self, admitted: list[Sequence]) -> None:
         tm = self._timing
-        for seq in admitted:
-            if seq.cancelled:
-                continue
+        admitted = [s for s in admitted if not s.cancelled]
+        if admitted:
             t0 = time.perf_counter()
-            tok = self.runner.prefill(seq, self.prefixes[seq.voice])
+            toks = self.runner.prefill_many(admitted, [self.prefixes[s.voice] for s in admitted])
             tm["prefill_s"] += time.perf_counter() - t0
-            tm["prefills"] += 1
-            seq.prefilled = True
-            self._emit(seq, tok)
+            tm["prefills"] += len(admitted)
+            for seq, tok in zip(admitted, toks):
+                seq.prefilled = True
+                self._emit(seq, tok)
         with self._lock:
             batch = self.scheduler.decode_batch()
         batch = [s for s in batch if not s.cancelled]
@@ -283,12 +316,12 @@ class LLMEngine:
         self._counters["tokens"] += 1
         done = tok == STOP_SPEECH or seq.n_sampled >= seq.params.max_new_tokens
         if tok != STOP_SPEECH and tok < SPEECH_VOCAB_VALID:
-            seq.deliver([tok])
+            self._post(seq, [tok])
         if done:
             with self._lock:
                 if self.scheduler.finish(seq):
                     self._counters["finished"] += 1
-            seq.deliver(_END)
+            self._post(seq, _END)
 
     def _fail_all(self, err: Exception, locked: bool) -> None:
         if not locked:

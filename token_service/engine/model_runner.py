@@ -20,9 +20,9 @@ Sampling uses the top-k fast path (``process_logits_topk``: one ``topk`` instead
 sorts) whenever every running row of the group has ``top_k <= TOPK_WIDTH`` (the default 1000
 does); other settings run the full-sort path eagerly (no graph).
 
-Prefill on CUDA runs ``[text | start]`` padded to a length bucket (``PREFILL_BUCKETS``) in a
-one-slot *staging* cache that holds the voice prefix, captured as one CUDA graph per bucket, then
-copies the staging keys/values into the sequence's slot. The padding rows sit after the real ones,
+Prefill on CUDA runs ``[text | start]`` of up to ``prefill_rows`` sequences at once, padded to a
+length bucket (``PREFILL_BUCKETS``), in *staging* rows that hold the voice prefix, captured as one
+CUDA graph per (rows, length) bucket, then copies each staging row's keys/values into its slot. The padding rows sit after the real ones,
 so they never influence them (causal mask); their keys/values land at positions the decode steps
 overwrite before anything attends to them. Longer texts, and CPU, prefill eagerly in place.
 
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..t3.config import START_SPEECH
 from ..t3.generate import decode_step, prefill
-from ..t3.model import KVCache, T3Model
+from ..t3.model import KVCache, T3Model, prefill_attention_backends
 from ..t3.sampling import (TOPK_WIDTH, process_logits, process_logits_topk, row_values, sample, seed32,
                            vocab_hash)
 from ..t3.voice import VoicePrefix
@@ -72,6 +72,7 @@ class RunnerShape:
     first_group: int = 0  # slots in the first KV group (0 = all slots in one group, allocated at once)
     topk_width: int = TOPK_WIDTH
     staged_prefill: bool | None = None  # padded staging-slot prefill; None = on CUDA only
+    prefill_rows: int = 4  # sequences prefilled together in one staged run
 
 
 @dataclass
@@ -122,12 +123,13 @@ class ModelRunner:
             if (device.type == "cuda" if shape.staged_prefill is None else shape.staged_prefill) else ()
         self.prefill_graphs: dict[int, "torch.cuda.CUDAGraph"] = {}
         if self.prefill_buckets:
-            top = self.prefill_buckets[-1]
-            self.staging = KVCache(cfg, 1, P + top, device=device, dtype=dtype)
-            self._staging_prefix: VoicePrefix | None = None
-            self.pf_ids = torch.zeros(top, dtype=torch.long, **z)
-            self.pf_len = torch.zeros(1, dtype=torch.long, **z)  # T: where the start token goes
-            self.pf_logits = torch.zeros(1, V, dtype=torch.float32, **z)
+            top, rows = self.prefill_buckets[-1], shape.prefill_rows
+            self.prefill_row_buckets = tuple(b for b in (1, 2, 4, 8, 16) if b < rows) + (rows,)
+            self.staging = KVCache(cfg, rows, P + top, device=device, dtype=dtype)
+            self._staging_prefix: list[VoicePrefix | None] = [None] * rows
+            self.pf_ids = torch.zeros(rows, top, dtype=torch.long, **z)
+            self.pf_len = torch.zeros(rows, dtype=torch.long, **z)  # T per row: where the start token goes
+            self.pf_logits = torch.zeros(rows, V, dtype=torch.float32, **z)
             self._start_id = torch.full((1,), START_SPEECH, dtype=torch.long, **z)
             if self.use_graphs:
                 self.capture_prefill_graphs()
@@ -209,73 +211,107 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seq: Sequence, prefix: VoicePrefix) -> int:
         """Prefill ``seq`` into its slot, sample its first token and arm the slot for decoding."""
-        s = seq.slot
-        g = self.ensure_group(self.groups.index(self.group_of(s)))
-        self.activate(seq, prefix)
-        T = len(seq.text_ids)
-        bucket = next((b for b in self.prefill_buckets if b >= T + 1), None)
-        if bucket is None:
-            ids = torch.tensor(seq.text_ids, dtype=torch.long, device=self.device)
-            logits = prefill(self.model, g.cache, s - g.start, prefix, ids)[None]  # (1, V)
-        else:
-            logits = self._staged_prefill(g, s - g.start, prefix, seq.text_ids, bucket)
-        row = slice(s, s + 1)
-        tok = self._sample(logits, row, self.row_top_k[s] <= self.shape.topk_width)  # (1,)
-        # upstream: later tokens see only the generated ids (the start token drops out)
-        self.seen[s] = False
-        self.seen[s, tok[0]] = True
-        self.step[s] = 1
-        self.tokens[s] = tok[0]
-        seq.position = prefix.length + len(seq.text_ids) + 1
-        self.positions[s] = seq.position
-        self.active[s] = 1
-        return int(tok[0])
+        return self.prefill_many([seq], [prefix])[0]
 
-    def _staged_prefill(self, g: SlotGroup, local: int, prefix: VoicePrefix, text_ids: list[int], bucket: int) -> Tensor:
-        """CUDA prefill: padded run in the staging slot (graph if captured), then copy into the slot. Returns (1, V)."""
-        if self._staging_prefix is not prefix:
-            prefix.copy_into(self.staging, 0)
-            self._staging_prefix = prefix
-        T = len(text_ids)
-        self.pf_ids[:T].copy_(torch.tensor(text_ids, dtype=torch.long), non_blocking=True)
-        self.pf_len.fill_(T)
-        graph = self.prefill_graphs.get(bucket)
+    @torch.inference_mode()
+    def prefill_many(self, seqs: list[Sequence], prefixes: list[VoicePrefix]) -> list[int]:
+        """Prefill sequences (each into its own slot), sample their first tokens, arm the slots.
+
+        Staged path (CUDA): up to ``prefill_rows`` sequences share one padded run in the staging
+        rows. Texts too long for the buckets (and everything on CPU) prefill one by one in place.
+        """
+        toks: list[Tensor] = []
+        staged, alone = [], []
+        for seq, prefix in zip(seqs, prefixes):
+            self.ensure_group(self.groups.index(self.group_of(seq.slot)))
+            self.activate(seq, prefix)
+            fits = bool(self.prefill_buckets) and len(seq.text_ids) + 1 <= self.prefill_buckets[-1]
+            (staged if fits else alone).append((seq, prefix))
+        logits_of: dict[int, Tensor] = {}
+        rows = self.shape.prefill_rows
+        for i in range(0, len(staged), rows):
+            chunk = staged[i:i + rows]
+            logits = self._staged_prefill(chunk).clone()  # the next chunk reuses pf_logits
+            for r, (seq, _) in enumerate(chunk):
+                logits_of[seq.seq_id] = logits[r:r + 1]
+        for seq, prefix in alone:
+            g = self.group_of(seq.slot)
+            ids = torch.tensor(seq.text_ids, dtype=torch.long, device=self.device)
+            with prefill_attention_backends(self.device):  # no per-length cuDNN plan builds
+                logits_of[seq.seq_id] = prefill(self.model, g.cache, seq.slot - g.start, prefix, ids)[None]
+        for seq, prefix in zip(seqs, prefixes):
+            s = seq.slot
+            tok = self._sample(logits_of[seq.seq_id], slice(s, s + 1), self.row_top_k[s] <= self.shape.topk_width)
+            # upstream: later tokens see only the generated ids (the start token drops out)
+            self.seen[s] = False
+            self.seen[s, tok[0]] = True
+            self.step[s] = 1
+            self.tokens[s] = tok[0]
+            seq.position = prefix.length + len(seq.text_ids) + 1
+            self.positions[s] = seq.position
+            self.active[s] = 1
+            toks.append(tok)
+        return torch.cat(toks).tolist() if toks else []
+
+    def _staged_prefill(self, chunk: list[tuple[Sequence, VoicePrefix]]) -> Tensor:
+        """Padded run of ``chunk`` in staging rows ``0..len-1`` (graph if captured), then copy each
+        row into its sequence's slot. Returns the start rows' logits ``(n_rows_bucket, V)``."""
+        n = len(chunk)
+        nb = next(b for b in self.prefill_row_buckets if b >= n)
+        bucket = next(b for b in self.prefill_buckets if b >= max(len(q.text_ids) for q, _ in chunk) + 1)
+        lens = [len(q.text_ids) for q, _ in chunk] + [0] * (nb - n)
+        ids = torch.zeros(nb, bucket, dtype=torch.long)
+        for r, (seq, prefix) in enumerate(chunk):
+            ids[r, :len(seq.text_ids)] = torch.tensor(seq.text_ids, dtype=torch.long)
+            if self._staging_prefix[r] is not prefix:
+                prefix.copy_into(self.staging, r)
+                self._staging_prefix[r] = prefix
+        self.pf_ids[:nb, :bucket].copy_(ids, non_blocking=True)
+        self.pf_len[:nb].copy_(torch.tensor(lens, dtype=torch.long), non_blocking=True)
+        graph = self.prefill_graphs.get((nb, bucket))
         if graph is not None:
             graph.replay()
         else:
-            self._prefill_body(bucket)
-        n = prefix.length + T + 1
-        for (k, v), (sk, sv) in zip(g.cache.view(slice(local, local + 1), n), self.staging.view(slice(0, 1), n)):
-            k.copy_(sk)
-            v.copy_(sv)
-        return self.pf_logits
+            self._prefill_body(nb, bucket)
+        for r, (seq, prefix) in enumerate(chunk):
+            g, m = self.group_of(seq.slot), prefix.length + len(seq.text_ids) + 1
+            local = seq.slot - g.start
+            for (k, v), (sk, sv) in zip(g.cache.view(slice(local, local + 1), m), self.staging.view(slice(r, r + 1), m)):
+                k.copy_(sk)
+                v.copy_(sv)
+        return self.pf_logits[:nb]
 
-    def _prefill_body(self, bucket: int) -> None:
-        """``[text ids | start]`` padded to ``bucket`` rows at positions ``P ..`` of the staging slot;
-        writes the start row's logits to ``pf_logits`` (the captured region of a CUDA prefill)."""
+    def _prefill_body(self, n_rows: int, bucket: int) -> None:
+        """Rows ``[text ids | start]`` padded to ``bucket`` at positions ``P ..`` of staging rows
+        ``0..n_rows-1``; writes each row's start-token logits to ``pf_logits`` (the captured region)."""
         m, P = self.model, self.model.cfg.prefix_len
         idx = torch.arange(bucket, device=self.device)
-        is_start = (idx == self.pf_len)[:, None]  # (bucket, 1)
-        x = torch.where(is_start, m.speech_emb(self._start_id), m.text_emb(self.pf_ids[:bucket]))
-        hidden = m.forward_embeds(x[None].to(self.dtype), (P + idx)[None], self.staging.view(slice(0, 1), P + bucket))
-        self.pf_logits.copy_(m.speech_logits(hidden[0].index_select(0, self.pf_len)))
+        lens = self.pf_len[:n_rows]
+        is_start = (idx[None, :] == lens[:, None])[..., None]  # (rows, bucket, 1)
+        x = torch.where(is_start, m.speech_emb(self._start_id), m.text_emb(self.pf_ids[:n_rows, :bucket]))
+        positions = (P + idx)[None].expand(n_rows, bucket)
+        hidden = m.forward_embeds(x.to(self.dtype), positions, self.staging.view(slice(0, n_rows), P + bucket))
+        last = hidden.gather(1, lens[:, None, None].expand(n_rows, 1, hidden.shape[-1]))[:, 0]  # (rows, C)
+        self.pf_logits[:n_rows].copy_(m.speech_logits(last))
 
     @torch.inference_mode()
     def capture_prefill_graphs(self) -> None:
-        """One CUDA graph per prefill bucket (staging slot only; the slot copy stays outside)."""
+        """One CUDA graph per (staging rows, length bucket); the slot copies stay outside."""
+        keys = [(nb, b) for nb in self.prefill_row_buckets for b in self.prefill_buckets]
+        self.pf_len.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for b in self.prefill_buckets:
-                self._prefill_body(b)
+            for nb, b in keys:
+                self._prefill_body(nb, b)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        for b in reversed(self.prefill_buckets):
+        for nb, b in reversed(keys):
             cg = torch.cuda.CUDAGraph()
             with torch.cuda.graph(cg, pool=self._pool):
-                self._prefill_body(b)
+                self._prefill_body(nb, b)
             self._pool = cg.pool()
-            self.prefill_graphs[b] = cg
+            self.prefill_graphs[(nb, b)] = cg
         torch.cuda.synchronize(self.device)
 
     def _sample(self, logits: Tensor, rows: slice, fast: bool) -> Tensor:

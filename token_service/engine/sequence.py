@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..t3.sampling import SamplingParams
 
@@ -30,6 +30,10 @@ class Sequence:
     params: SamplingParams
     seed: int
     deliver: Callable[[object], None] = lambda item: None
+    # where ``deliver`` puts items: the consumer's event loop and queue (lets the engine hand one
+    # step's items for many streams of a loop over in a single ``call_soon_threadsafe``)
+    loop: Any = None
+    queue: Any = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SeqStatus = SeqStatus.WAITING
     slot: int = -1

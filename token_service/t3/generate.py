@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import SPEECH_VOCAB_VALID, START_SPEECH, STOP_SPEECH, S3GEN_SIL
-from .model import KVCache, T3Model
+from .model import KVCache, T3Model, prefill_attention_backends
 from .sampling import (TOPK_WIDTH, SamplingParams, process_logits, process_logits_topk, row_values, sample, seed32,
                        vocab_hash)
 from .voice import VoicePrefix
@@ -93,7 +93,8 @@ def stream_speech_tokens(model: T3Model, prefix: VoicePrefix, text_ids: Sequence
     seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
     seen[0, START_SPEECH] = True
 
-    logits = prefill(model, cache, 0, prefix, ids)[None]
+    with prefill_attention_backends(dev):
+        logits = prefill(model, cache, 0, prefix, ids)[None]
     pos = prefix.length + ids.numel() + 1
     for step in range(params.max_new_tokens):
         scores = (process_logits_topk if rv["top_k"] <= TOPK_WIDTH else process_logits)(

@@ -17,18 +17,37 @@ from torch import nn
 from .config import S3GenConfig
 
 
+_POS_TABLES: dict[tuple, torch.Tensor] = {}
+_POS_TABLES_MAX = 128
+
+
 def relative_position_table(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Sinusoids for relative distances ``length-1 .. -(length-1)``: (1, 2*length-1, dim).
 
-    Row ``k`` encodes distance ``length-1-k`` (query index minus key index).
+    Row ``k`` encodes distance ``length-1-k`` (query index minus key index).  Cached per
+    (length, dim, device, dtype): the table is a constant, and building it on the host and copying
+    it to the GPU inside every step would both cost time and break CUDA-graph capture (a host ->
+    device copy is not allowed while a stream is capturing; the warm-up run fills the cache).
     """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # export: keep the length symbolic
+        return _relative_position_table(length, dim).to(device=device, dtype=dtype)
+    key = (length, dim, str(torch.device(device) if device is not None else "cpu"), dtype)
+    table = _POS_TABLES.get(key)
+    if table is None:
+        if len(_POS_TABLES) >= _POS_TABLES_MAX:
+            _POS_TABLES.clear()
+        table = _POS_TABLES[key] = _relative_position_table(length, dim).to(device=device, dtype=dtype)
+    return table
+
+
+def _relative_position_table(length: int, dim: int) -> torch.Tensor:
     pos = torch.arange(length - 1, -length, -1, dtype=torch.float32).unsqueeze(1)  # (2L-1, 1)
     freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
     table = torch.zeros(2 * length - 1, dim)
     # positive distances use sin(p*f), cos(p*f); negative ones sin(-p*f), cos(-p*f): same formula.
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq)
-    return table.unsqueeze(0).to(device=device, dtype=dtype)
+    return table.unsqueeze(0)
 
 
 class InputProjection(nn.Module):

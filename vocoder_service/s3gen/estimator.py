@@ -59,7 +59,10 @@ class ConvNormMish(nn.Module):
         self.block = nn.Sequential(CausalConv1d(dim_in, dim_out, 3), nn.Identity(), ChannelLayerNorm(dim_out),
                                    nn.Identity(), nn.Mish())
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """mask None = no padded frames (skips the two multiplications)."""
+        if mask is None:
+            return self.block(x)
         return self.block(x * mask) * mask
 
 
@@ -73,10 +76,10 @@ class TimeResBlock(nn.Module):
         self.block2 = ConvNormMish(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim_in, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x: (B, Cin, T); mask: (B, 1, T); temb: (B, time_dim) -> (B, Cout, T)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, temb: torch.Tensor) -> torch.Tensor:
+        """x: (B, Cin, T); mask: (B, 1, T) or None (no padding); temb: (B, time_dim) -> (B, Cout, T)."""
         h = self.block1(x, mask) + self.mlp(temb).unsqueeze(-1)
-        return self.block2(h, mask) + self.res_conv(x * mask)
+        return self.block2(h, mask) + self.res_conv(x if mask is None else x * mask)
 
 
 class SelfAttention(nn.Module):
@@ -91,8 +94,9 @@ class SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, dim); bias: (B, 1, 1, T) additive key bias -> (B, T, dim)."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, dim); bias: (B, 1, 1, T) additive key bias, or None (no padding: lets SDPA
+        pick its flash kernel) -> (B, T, dim)."""
         B, T, _ = x.shape
         q, k, v = (proj(x).view(B, T, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -122,7 +126,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GeluFeedForward(dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), bias)
         return x + self.ff(self.norm3(x))
 
@@ -151,33 +155,45 @@ class MeanflowEstimator(nn.Module):
         self.final_proj = nn.Conv1d(C, cfg.n_mels, 1)
 
     def time_embedding(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """t, r: (B,) -> (B, time_dim)."""
-        et = self.time_mlp(timestep_sinusoids(t, self.in_channels))
-        er = self.time_mlp(timestep_sinusoids(r, self.in_channels))
+        """t, r: (B,) -> (B, time_dim) (in the weights' dtype)."""
+        dt = self.time_embed_mixer.weight.dtype
+        et = self.time_mlp(timestep_sinusoids(t.float(), self.in_channels).to(dt))
+        er = self.time_mlp(timestep_sinusoids(r.float(), self.in_channels).to(dt))
         return self.time_embed_mixer(torch.cat([et, er], dim=1))
 
     @staticmethod
-    def _run(blocks: nn.ModuleList, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _run(blocks: nn.ModuleList, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = x.transpose(1, 2)
         for block in blocks:
             x = block(x, bias)
         return x.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
-                spk: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x, mu, cond: (B, n_mels, T); mask: (B, 1, T); t, r: (B,) or (1,); spk: (B, n_mels)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, mu: torch.Tensor, t: torch.Tensor,
+                r: torch.Tensor, spk: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x, mu, cond: (B, n_mels, T); mask: (B, 1, T), or None when no frame is padding (the
+        same numbers, fewer kernels); t, r: (B,) or (1,); spk: (B, n_mels).
+
+        Inputs are cast to the weights' dtype (half-precision weights take fp32 inputs); the
+        velocity is returned in that dtype.
+        """
+        dt = self.final_proj.weight.dtype
         temb = self.time_embedding(t, r)
-        h = torch.cat([x, mu, spk.unsqueeze(-1).expand(-1, -1, x.size(-1)), cond], dim=1)
-        bias = ((1.0 - mask) * -1.0e10).unsqueeze(1)  # (B, 1, 1, T)
+        h = torch.cat([x.to(dt), mu.to(dt), spk.to(dt).unsqueeze(-1).expand(-1, -1, x.size(-1)), cond.to(dt)], dim=1)
+        if mask is None:
+            bias = None
+        else:
+            mask = mask.to(dt)
+            bias = ((1.0 - mask) * -1.0e10).unsqueeze(1)  # (B, 1, 1, T)
+        m = (lambda v: v) if mask is None else (lambda v: v * mask)
         resnet, blocks, down = self.down_blocks[0]
         h = resnet(h, mask, temb)
         h = self._run(blocks, h, bias)
         skip = h
-        h = down(h * mask)
+        h = down(m(h))
         for resnet, blocks in self.mid_blocks:
             h = self._run(blocks, resnet(h, mask, temb), bias)
         resnet, blocks, up = self.up_blocks[0]
         h = resnet(torch.cat([h, skip], dim=1), mask, temb)
-        h = up(self._run(blocks, h, bias) * mask)
+        h = up(m(self._run(blocks, h, bias)))
         h = self.final_block(h, mask)
-        return self.final_proj(h * mask) * mask
+        return m(self.final_proj(m(h)))

@@ -32,13 +32,15 @@ class MeanflowDecoder(nn.Module):
         """Euler steps over a uniform time grid 0 -> 1 (no cosine schedule, no CFG for meanflow).
 
         noise, mu, cond: (B, n_mels, T); mask: (B, 1, T); spk: (B, n_mels) -> mel (B, n_mels, T).
+        The ODE state stays float32 whatever the estimator's dtype (half-precision weights get
+        their inputs cast); ``mask`` may be None (no padded frame). Returns float32.
         """
         n = n_steps or self.n_steps
-        grid = torch.linspace(0, 1, n + 1, device=mu.device, dtype=mu.dtype)
-        x = noise
+        grid = torch.linspace(0, 1, n + 1, device=mu.device, dtype=torch.float32)
+        x = noise.float()
         for i in range(n):
             t, r = grid[i:i + 1], grid[i + 1:i + 2]
-            x = x + (r - t) * self.estimator(x, mask, mu, t, r, spk, cond)
+            x = x + (r - t) * self.estimator(x, mask, mu, t, r, spk, cond).float()
         return x
 
 
@@ -54,7 +56,8 @@ class TokenToMel(nn.Module):
 
     def speaker(self, embedding: torch.Tensor) -> torch.Tensor:
         """x-vector (B, spk_dim) -> decoder speaker vector (B, n_mels)."""
-        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        w = self.spk_embed_affine_layer.weight
+        return self.spk_embed_affine_layer(F.normalize(embedding.float(), dim=1).to(w.dtype))
 
     def forward(self, tokens: torch.Tensor, prompt_feat: torch.Tensor, spk: torch.Tensor, noise: torch.Tensor,
                 drop_tail_frames: int = 0, n_steps: int | None = None) -> torch.Tensor:
@@ -63,17 +66,18 @@ class TokenToMel(nn.Module):
         tokens: (B, Tp+T) int64, prompt tokens first; prompt_feat: (B, Fp, n_mels) prompt mel;
         spk: (B, n_mels) from ``speaker()``; noise: (B, n_mels, >= ratio*(Tp+T)-drop) initial
         flow state; drop_tail_frames: mel frames cut from the encoder output before decoding
-        (upstream's non-final look-ahead cut). Returns (B, n_mels, F - Fp) with
-        F = ratio*(Tp+T) - drop_tail_frames.
+        (upstream's non-final look-ahead cut). Returns float32 (B, n_mels, F - Fp) with
+        F = ratio*(Tp+T) - drop_tail_frames, whatever the weights' dtype (encoder and estimator
+        run in it; the ODE state stays float32).
         """
         h = self.encoder(self.input_embedding(tokens))
         if drop_tail_frames:
             h = h[:, :-drop_tail_frames]
-        mu = self.encoder_proj(h).transpose(1, 2)  # (B, n_mels, F)
-        B, _, Fr = mu.shape
+        mu = self.encoder_proj(h).transpose(1, 2)  # (B, n_mels, F), the weights' dtype
+        Fr = mu.size(2)
         Fp = prompt_feat.size(1)
         cond = torch.zeros_like(mu)
-        cond[:, :, :Fp] = prompt_feat.transpose(1, 2)
-        mask = torch.ones(B, 1, Fr, device=mu.device, dtype=mu.dtype)
-        mel = self.decoder(noise[:, :, :Fr], mu, mask, spk, cond, n_steps)
+        cond[:, :, :Fp] = prompt_feat.transpose(1, 2).to(mu.dtype)
+        # no padded frame in a flow window: mask None (== all ones, fewer kernels, flash attention)
+        mel = self.decoder(noise[:, :, :Fr], mu, None, spk, cond, n_steps)
         return mel[:, :, Fp:]

@@ -43,8 +43,9 @@ def test_slot_groups_cover_max_slots_and_grow_lazily():
 
 
 def test_staged_padded_prefill_equals_in_place_prefill():
-    """The CUDA prefill path (padded bucket in a staging slot, then copied) run on CPU: same logits
-    and same keys/values in the slot as the plain in-place prefill."""
+    """The CUDA prefill path (several sequences padded to a bucket in staging rows, then copied into
+    their slots) run on CPU: same keys/values in each slot and same first tokens as the plain
+    in-place prefill; a text longer than the largest bucket takes the in-place path."""
     from token_service.engine.sequence import Sequence
     from token_service.t3.sampling import SamplingParams
     from token_service.t3.voice import VoiceConds, build_voice_prefix
@@ -54,18 +55,24 @@ def test_staged_padded_prefill_equals_in_place_prefill():
     cfg = model.cfg
     conds = VoiceConds(torch.randn(1, cfg.speaker_embed_size), torch.randint(0, 6561, (1, cfg.prompt_len)))
     prefix = build_voice_prefix(model, conds)
-    runners = [ModelRunner(model, RunnerShape(4, cfg.prefix_len + 300, (1, 2, 4), 256, cuda_graphs=False,
-                                              staged_prefill=staged), torch.device("cpu"), torch.float32)
-               for staged in (False, True)]
-    assert not runners[0].prefill_buckets and runners[1].prefill_buckets
-    for text in ([5, 6, 7], list(range(100, 140))):  # buckets 16 and 64
-        for slot, r in zip((1, 2), runners):
-            seq = Sequence(voice="default", text_ids=text, params=SamplingParams(seed=3), seed=3)
+    runners = [ModelRunner(model, RunnerShape(8, cfg.prefix_len + 400, (1, 2, 4, 8), 256, cuda_graphs=False,
+                                              staged_prefill=staged, prefill_rows=2), torch.device("cpu"),
+                           torch.float32) for staged in (False, True)]
+    assert not runners[0].prefill_buckets and runners[1].prefill_buckets[-1] == 256
+    texts = [[5, 6, 7], list(range(100, 140)), list(range(200, 212)), list(range(300, 600))]  # last: > 255
+    toks = []
+    for r, slots in zip(runners, ((0, 1, 2, 3), (4, 5, 6, 7))):
+        seqs = []
+        for i, (text, slot) in enumerate(zip(texts, slots)):
+            seq = Sequence(voice="default", text_ids=text, params=SamplingParams(seed=i), seed=i)
             seq.slot = slot
-            assert r.prefill(seq, prefix) >= 0
+            seqs.append(seq)
+        toks.append(r.prefill_many(seqs, [prefix] * len(seqs)))
+        assert [s.position for s in seqs] == [cfg.prefix_len + len(t) + 1 for t in texts]
+    assert toks[0] == toks[1]
+    for i, text in enumerate(texts):
         n = cfg.prefix_len + len(text) + 1
-        for (k0, v0), (k1, v1) in zip(runners[0].groups[0].cache.view(slice(1, 2), n),
-                                      runners[1].groups[0].cache.view(slice(2, 3), n)):
+        for (k0, v0), (k1, v1) in zip(runners[0].groups[0].cache.view(slice(i, i + 1), n),
+                                      runners[1].groups[0].cache.view(slice(4 + i, 5 + i), n)):
             torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
-        assert int(runners[0].tokens[1]) == int(runners[1].tokens[2])

@@ -1,0 +1,161 @@
+"""Inference fast path for S3Gen: half-precision flow, folded weight norm, CUDA graphs per shape.
+
+    model = prepare_s3gen(model, dtype="bfloat16", cuda_graphs=True)   # in place; returns model
+
+* ``dtype``: the flow (token embedding, conformer encoder, meanflow estimator) runs in it; the
+  ODE state, the returned mel and all of HiFT (F0 predictor, harmonic source, STFT / iSTFT, the
+  convolutions) stay float32. ``"auto"`` and ``"float32"`` change nothing numerically.
+* HiFT's weight norm is folded (``HiFTGenerator.fold_weight_norm``): same numbers, one fewer op
+  per convolution. The state dict then has plain ``weight`` keys: prepare only after loading.
+* ``cuda_graphs`` (CUDA only): the flow and HiFT's F0 predictor / generator become
+  ``CudaGraphCache``s: the first call with a new input shape is captured (after a warm-up run),
+  later calls with that shape copy their inputs into the static buffers and replay. A streaming
+  session has few shapes (first chunk: always the same; later chunks: one per chunk size until
+  ``context_tokens`` tokens are committed, then static), times the batch sizes ``push_batch``
+  sees. ``stream_step`` uses them through ``flow_fn`` / ``f0_fn`` / ``decode_fn``; the offline
+  API (variable lengths) stays eager.
+
+What is not cached, and why: the encoder and the estimator attend over the whole window (prompt +
+context + chunk, no chunk mask), so the prompt's hidden states change with every chunk; only the
+speaker projection (``StreamState.spk``), the prompt's noise and the position tables are
+constants of a session.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "auto": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"auto" | "float32" | "bfloat16" | "float16"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported S3Gen dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown S3Gen dtype {dtype!r}; use one of auto, float32, bfloat16, float16") from None
+
+
+class CudaGraphCache:
+    """Calls ``fn(*tensors, **consts)`` through one captured CUDA graph per input signature.
+
+    The signature is the tensors' (shape, dtype, device) plus the constant keyword arguments.
+    Outputs (a tensor or a tuple of tensors) are cloned after each replay, so callers own them.
+    All graphs share one memory pool (they are replayed one at a time, on one stream). A shape
+    whose capture fails runs eagerly from then on (logged once); past ``max_graphs`` signatures
+    new ones also run eagerly. Thread-unsafe by design: one worker thread drives the model.
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: str, max_graphs: int = 64, warmup: int = 2):
+        self.fn, self.name, self.max_graphs, self.warmup = fn, name, max_graphs, warmup
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]] = {}
+        self.eager: set[tuple] = set()
+        self.pool = None
+        self.captures = self.replays = 0
+
+    def _key(self, args: tuple[torch.Tensor, ...], consts: dict) -> tuple:
+        return (tuple((tuple(a.shape), a.dtype, a.device) for a in args), tuple(sorted(consts.items())))
+
+    def __call__(self, *args: torch.Tensor, **consts: Any):
+        if not all(a.is_cuda for a in args):
+            return self.fn(*args, **consts)
+        key = self._key(args, consts)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key in self.eager or len(self.graphs) >= self.max_graphs:
+                return self.fn(*args, **consts)
+            entry = self._capture(key, args, consts)
+            if entry is None:
+                return self.fn(*args, **consts)
+        graph, static_in, static_out = entry
+        for buf, a in zip(static_in, args):
+            buf.copy_(a)
+        graph.replay()
+        self.replays += 1
+        if isinstance(static_out, torch.Tensor):
+            return static_out.clone()
+        return tuple(o.clone() for o in static_out)
+
+    def _capture(self, key: tuple, args: tuple[torch.Tensor, ...], consts: dict):
+        static_in = [a.clone() for a in args]
+        try:
+            side = torch.cuda.Stream(device=args[0].device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: kernels chosen, caches (position tables) filled
+                for _ in range(self.warmup):
+                    self.fn(*static_in, **consts)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = self.fn(*static_in, **consts)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: run this shape eagerly
+            log.warning("CUDA graph capture of %s for %s failed (%s: %s); running it eagerly",
+                        self.name, key[0], type(exc).__name__, exc)
+            self.eager.add(key)
+            torch.cuda.synchronize()
+            return None
+        self.captures += 1
+        entry = (graph, static_in, static_out)
+        self.graphs[key] = entry
+        return entry
+
+    def stats(self) -> dict[str, int]:
+        return {"graphs": len(self.graphs), "eager_shapes": len(self.eager), "captures": self.captures,
+                "replays": self.replays}
+
+
+class S3GenGraphs:
+    """The graphed callables ``stream_step`` uses (attribute ``model.graphs``)."""
+
+    def __init__(self, model, max_graphs: int = 64):
+        self.flow = CudaGraphCache(model.flow, "flow", max_graphs)
+        self.f0 = CudaGraphCache(model.mel2wav.f0_at_samples, "hift.f0", max_graphs)
+        self.decode = CudaGraphCache(model.mel2wav.decode, "hift.decode", max_graphs)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {"flow": self.flow.stats(), "f0": self.f0.stats(), "decode": self.decode.stats()}
+
+
+def flow_fn(model) -> Callable:
+    """``model.flow`` or its graphed form (same signature; ``drop_tail_frames`` by keyword)."""
+    g = getattr(model, "graphs", None)
+    return g.flow if g is not None else model.flow
+
+
+def f0_fn(model) -> Callable:
+    g = getattr(model, "graphs", None)
+    return g.f0 if g is not None else model.mel2wav.f0_at_samples
+
+
+def decode_fn(model) -> Callable:
+    g = getattr(model, "graphs", None)
+    return g.decode if g is not None else model.mel2wav.decode
+
+
+def prepare_s3gen(model, dtype: str | torch.dtype = "auto", cuda_graphs: bool = False, max_graphs: int = 64):
+    """Make a loaded ``S3GenModel`` ready for serving, in place (see the module docstring).
+
+    Raises ``ValueError`` for an unknown dtype, or ``cuda_graphs`` on a model not on a CUDA device.
+    """
+    dt = parse_dtype(dtype)
+    if cuda_graphs and model.device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {model.device}")
+    model.eval()
+    model.mel2wav.fold_weight_norm()
+    model.flow.to(dt)
+    model.graphs = S3GenGraphs(model, max_graphs) if cuda_graphs else None
+    return model
