@@ -211,6 +211,11 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
     eng = _engine(model_dir, "bfloat16" if DEVICE == "cuda" else "float32", DEVICE == "cuda", max(sweep))
     r: dict[str, Any] = {"engine_build_s": time.perf_counter() - t_build}
     print(f"  engine built in {r['engine_build_s']:.1f}s", flush=True)
+    # roofline: every decoded token reads all weights the decode step uses once (batch 1)
+    r["decode_weight_bytes"] = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    bw = RESULTS.get("copy_bandwidth_GBps")
+    if bw:
+        r["roofline_tokens_per_s_bs1"] = bw * 1e9 / r["decode_weight_bytes"]
     ids = RESULTS.get("text_ids") or [eng.tokenize(t) for t in TEXTS]
 
     async def bs1():
@@ -398,6 +403,9 @@ def report(out: Path) -> str:
         f"| T3 speech tokens/s, batch 1 | {f(u.get('t3_tokens_per_s_bs1'))} | {f(t.get('t3_tokens_per_s_bs1'))} | "
         f"{ratio(t.get('t3_tokens_per_s_bs1'), u.get('t3_tokens_per_s_bs1'))} |",
         f"| T3 time to first token (ms) | – | {f(t.get('t3_ttft_ms_bs1'))} | |",
+        f"| T3 batch-1 roofline (weights {f(t.get('decode_weight_bytes', 0) / 1e9, '{:.2f}')} GB/token at the copy "
+        f"bandwidth), tokens/s | | {f(t.get('roofline_tokens_per_s_bs1'), '{:.0f}')} | "
+        f"ours at {ratio(t.get('t3_tokens_per_s_bs1'), t.get('roofline_tokens_per_s_bs1'))} of it |",
         f"| S3Gen 50 tokens (2 s audio), s | {f(u.get('s3gen_s_50tok'), '{:.3f}')} | "
         f"{f(s.get('s3gen_s_50tok_fp32'), '{:.3f}')} | {ratio(u.get('s3gen_s_50tok'), s.get('s3gen_s_50tok_fp32'))} |",
         f"| S3Gen 150 tokens (6 s audio), s | {f(u.get('s3gen_s_150tok'), '{:.3f}')} | "
@@ -415,10 +423,13 @@ def report(out: Path) -> str:
                          f"{v['ttft_p50_ms']:.0f} / {v['ttft_p99_ms']:.0f} |")
     svc = RESULTS.get("services", {})
     if svc:
-        lines += ["", "| services: concurrency | TTFA p50 / p99 ms | underrun streams | audio s per s | errors |",
+        lines += ["", f"Services, concurrency 1: time to first audio p50 {f(svc.get('ttfa_c1_p50_ms'), '{:.0f}')} ms, "
+                  f"p90 {f(svc.get('ttfa_c1_p90_ms'), '{:.0f}')} ms; real-time factor {f(svc.get('rtf'), '{:.3f}')}; "
+                  f"GPU memory per service (MB) {svc.get('gpu_mem_MB_c1') or svc.get('gpu_mem_MB')}", "",
+                  "| services: concurrency | TTFA p50 / p99 ms | streams with an underrun | audio s per s | errors |",
                   "| --- | --- | --- | --- | --- |"]
         for n, v in svc.get("sweep", {}).items():
-            lines.append(f"| {n} | {v['ttfa_p50_ms']:.0f} / {v['ttfa_p99_ms']:.0f} | {v['underruns']} | "
+            lines.append(f"| {n} | {v['ttfa_p50_ms']:.0f} / {v['ttfa_p99_ms']:.0f} | {v.get('underrun_streams', v['underruns'])} | "
                          f"{v['audio_s_per_s']:.1f} | {v['errors']} |")
     if RESULTS["errors"]:
         lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in RESULTS["errors"].items())]
@@ -428,13 +439,28 @@ def report(out: Path) -> str:
     return md
 
 
+def render(paths: list[str], out: Path) -> None:
+    """Merge perf.json files of several device calls (later wins) and write PERF.md/perf.json."""
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        errs = d.pop("errors", {})
+        RESULTS.update(d)
+        RESULTS["errors"].update(errs)
+    out.mkdir(parents=True, exist_ok=True)
+    print(report(out))
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--render":
+        render(sys.argv[2:-1], Path(sys.argv[-1]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench-out"))
     ap.add_argument("--work", default="/tmp/bench-work")
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--sweep", default="1,8,32,64,128,256")
     ap.add_argument("--sections", default="upstream,t3,accuracy,s3gen,services")
+    ap.add_argument("--level-time-s", type=float, default=20.0, help="services sweep: seconds per level")
     ap.add_argument("--stack-dump-s", type=float, default=120.0)
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="tiny preset on CPU, upstream skipped: checks the script itself, times nothing real")
@@ -466,7 +492,8 @@ def main() -> None:
     if "services" in want:
         from bench.service_load import services_section
 
-        section("services")(services_section)(model_dir, sweep, RESULTS)
+        section("services")(services_section)(model_dir, sweep, RESULTS, level_time_s=args.level_time_s,
+                                              log_dir=out / "service-logs")
     print(report(out))
 
 

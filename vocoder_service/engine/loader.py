@@ -92,8 +92,20 @@ def load_engine(cfg) -> VocoderEngine:
         raise ConfigError(f"unknown vocoder engine {cfg.engine!r}")
     from vocoder_service.s3gen.loading import load_vocoder
 
+    from vocoder_service.s3gen.accel import parse_dtype, prepare_s3gen
+
     device = resolve_device(cfg.device)
+    dtype = getattr(cfg, "dtype", "auto")
+    graphs = bool(getattr(cfg, "cuda_graphs", False))
+    try:
+        parse_dtype(dtype)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (--dtype / TTS_DTYPE)") from None
+    if graphs and device.type != "cuda":
+        raise ConfigError(f"cuda_graphs needs a CUDA device, the vocoder runs on {device} (--cuda-graphs / TTS_CUDA_GRAPHS)")
     model, voices = load_vocoder(cfg.model_dir, cfg.voices_dir, device=device)
+    prepare_s3gen(model, dtype=dtype, cuda_graphs=graphs)
     engine = s3gen_engine(model, voices)
-    log.info("vocoder engine ready", extra={"engine": "pytorch", "device": str(device), "voices": engine.voices()})
+    log.info("vocoder engine ready", extra={"engine": "pytorch", "device": str(device), "voices": engine.voices(),
+                                            "dtype": str(parse_dtype(dtype)), "cuda_graphs": graphs})
     return engine

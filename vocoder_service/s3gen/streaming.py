@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .accel import decode_fn, f0_fn, flow_fn
 from .hift import SourceNoise
 from .model import S3GenModel, VoiceCond, check_tokens, trim_fade
 from .noise import PositionalNoise
@@ -95,6 +96,7 @@ class StreamState:
     src_hist: torch.Tensor | None = None    # (1, len(mel_hist) * hop) excitation before ``emitted``
     cycles: torch.Tensor | None = None      # (H+1,) source cycles at the first sample of ``emitted``
     tail: torch.Tensor | None = None        # (X,) previous step's audio from ``emitted`` on (held back)
+    prompt_noise: torch.Tensor | None = None  # (n_mels, Fp) flow noise of the prompt frames (a constant)
 
 
 def new_state(model: S3GenModel, voice: VoiceCond, seed: int) -> StreamState:
@@ -143,13 +145,15 @@ def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.
             ctx = torch.tensor(s.tokens[start - s.token_base:s.committed - s.token_base], dtype=torch.long)
             windows.append(torch.cat([s.voice.prompt_token[0].cpu(), ctx, c.cpu(), a.cpu()]))
             fp = s.voice.n_prompt_frames
-            noises.append(torch.cat([s.noise.mel(0, fp),
+            if s.prompt_noise is None:
+                s.prompt_noise = s.noise.mel(0, fp)
+            noises.append(torch.cat([s.prompt_noise,
                                      s.noise.mel(fp + ratio * start, fp + ratio * (s.committed + n + la))], dim=1))
         tok = _stack_equal(windows, "window").to(dev)
         noise = _stack_equal(noises, "noise").to(dev)
         feat = torch.cat([s.voice.prompt_feat for s in states])
         spk = torch.cat([s.spk for s in states])
-        mel = model.flow(tok, feat, spk, noise, drop_tail_frames=ratio * la)[:, :, -ratio * n:]  # (B, n_mels, 2n)
+        mel = flow_fn(model)(tok, feat, spk, noise, drop_tail_frames=ratio * la)[:, :, -ratio * n:]  # (B, n_mels, 2n)
     else:
         mel = torch.zeros(B, cfg.n_mels, 0, device=dev)
 
@@ -159,7 +163,7 @@ def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.
     mel_in = _stack_equal([torch.cat([s.mel_hist, s.mel_pending, m], dim=1) for s, m in zip(states, mel)], "HiFT window")
     h = states[0].mel_hist.size(1)
     total = mel_in.size(2)
-    f0 = model.mel2wav.f0_at_samples(mel_in)[:, h * hop:]  # new part only: (B, (total-h)*hop)
+    f0 = f0_fn(model)(mel_in)[:, h * hop:]  # new part only: (B, (total-h)*hop)
     first = torch.tensor([s.emitted * hop for s in states])
     rnd = SourceNoise(torch.stack([s.phase for s in states]),
                       torch.stack([s.noise.source_noise(int(a), int(a) + f0.size(1)) for s, a in zip(states, first)]).to(dev))
@@ -167,7 +171,7 @@ def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.
     src_new, _ = model.mel2wav.m_source(f0, rnd, cycles0)
     waves_cycles = _cycles(model, f0, cycles0)
     source = torch.cat([torch.stack([s.src_hist for s in states]), src_new], dim=2)
-    audio = model.mel2wav.decode(mel_in, source)  # (B, total*hop), starts at frame emitted-h
+    audio = decode_fn(model)(mel_in, source)  # (B, total*hop), starts at frame emitted-h
 
     hold = 0 if final else config.holdback_frames
     emit_frames = total - h - hold  # frames from ``emitted`` on that are returned now
