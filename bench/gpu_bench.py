@@ -382,6 +382,205 @@ def s3gen(model_dir: Path) -> None:
         finally:
             model.float()
     RESULTS["s3gen"] = r
+    del model
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    r["variants"] = s3gen_variants(model_dir, voice)
+
+
+S3GEN_VARIANTS = {  # name -> (flow dtype, CUDA graphs)
+    "fp32": ("float32", False), "bf16": ("bfloat16", False), "fp16": ("float16", False),
+    "fp32_graphs": ("float32", True), "bf16_graphs": ("bfloat16", True), "fp16_graphs": ("float16", True),
+}
+S3GEN_BUDGET_S = 360.0
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    n = min(a.numel(), b.numel())
+    a, b = a.reshape(-1)[:n], b.reshape(-1)[:n]
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _stream_solo(model, voice, tok: list[int], seed: int) -> tuple[torch.Tensor, float | None, list[float]]:
+    """Push one token at a time (every push that returns audio is one step) -> (audio, first ms, later ms)."""
+    from vocoder_service.s3gen import StreamingSession
+
+    s = StreamingSession(model, voice, seed=seed)
+    first, later, outs = None, [], []
+    for t in tok:
+        sync()
+        t0 = time.perf_counter()
+        a = s.push([t])
+        sync()
+        dt = (time.perf_counter() - t0) * 1000
+        if a.numel():
+            if first is None:
+                first = dt
+            else:
+                later.append(dt)
+        outs.append(a)
+    outs.append(s.finish())
+    s.close()
+    return torch.cat(outs), first, later
+
+
+def _batched_throughput(model, voice, n_streams: int, n_tokens: int, per_push: int = 5) -> dict:
+    """n_streams sessions fed ``per_push`` tokens each per ``push_batch`` call; audio s per wall s (pushes only)."""
+    from vocoder_service.s3gen import StreamingSession
+    from vocoder_service.s3gen.streaming import push_batch
+
+    g = torch.Generator().manual_seed(n_streams)
+    toks = torch.randint(0, 6561, (n_streams, n_tokens), generator=g).tolist()
+    sessions = [StreamingSession(model, voice, seed=i) for i in range(n_streams)]
+    samples, calls = 0, 0
+    sync()
+    t0 = time.perf_counter()
+    for i in range(0, n_tokens, per_push):
+        outs = push_batch(sessions, [t[i:i + per_push] for t in toks])
+        samples += sum(o.numel() for o in outs)
+        calls += 1
+    sync()
+    wall = time.perf_counter() - t0
+    for s in sessions:
+        s.close()
+    audio_s = samples / 24000
+    return {"streams": n_streams, "tokens_per_stream": n_tokens, "wall_s": wall, "audio_s": audio_s,
+            "audio_s_per_s": audio_s / wall, "push_batch_calls": calls, "ms_per_call": 1000 * wall / calls}
+
+
+def _profile_first_chunk(model, voice, tok: list[int]) -> list[dict]:
+    """torch.profiler over the first streaming chunk (7 tokens); prints and returns the top-15 kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vocoder_service.s3gen import StreamingSession
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    s = StreamingSession(model, voice, seed=99)
+    with profile(activities=acts) as prof:
+        s.push(tok[:7])
+        sync()
+    s.close()
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0)
+        rows.append({"name": e.key, "self_device_us": float(dev_us), "self_cpu_us": float(e.self_cpu_time_total),
+                     "calls": int(e.count)})
+    key = "self_device_us" if DEVICE == "cuda" else "self_cpu_us"
+    rows.sort(key=lambda x: -x[key])
+    top = rows[:15]
+    print(f"  top-15 ops by {key} (first chunk):", flush=True)
+    for x in top:
+        print(f"    {x[key] / 1000:8.3f} ms  x{x['calls']:<5d} {x['name'][:100]}", flush=True)
+    total = sum(x[key] for x in rows)
+    print(f"    total {key}: {total / 1000:.3f} ms", flush=True)
+    return top
+
+
+def s3gen_variants(model_dir: Path, voice) -> dict:
+    """Every fast-path variant of ``prepare_s3gen`` (flow dtype x CUDA graphs) on the same inputs:
+    offline time, streaming first-chunk / per-chunk latency, batched throughput, error vs fp32."""
+    from vocoder_service.s3gen.accel import prepare_s3gen
+    from vocoder_service.s3gen.loading import load_vocoder
+
+    t_start = time.perf_counter()
+    out: dict[str, Any] = {}
+    tok_err = torch.randint(0, 6561, (100,), generator=torch.Generator().manual_seed(3))
+    tok_stream = torch.randint(0, 6561, (150,), generator=torch.Generator().manual_seed(7)).tolist()
+    ref: dict[str, torch.Tensor] = {}
+    sizes = (8, 32, 64) if DEVICE == "cuda" else (8,)
+    n_batch_tokens = 100 if DEVICE == "cuda" else 30
+    for name, (dtype, graphs) in S3GEN_VARIANTS.items():
+        r: dict[str, Any] = {"dtype": dtype, "cuda_graphs": graphs}
+        out[name] = r
+        if graphs and DEVICE != "cuda":
+            r["skipped"] = "CUDA graphs need a CUDA device"
+            continue
+        if time.perf_counter() - t_start > S3GEN_BUDGET_S:
+            r["skipped"] = f"s3gen variant budget ({S3GEN_BUDGET_S:.0f} s) spent"
+            continue
+        print(f"-- s3gen variant {name}", flush=True)
+        t_var = time.perf_counter()
+        model = None
+        try:
+            peak_reset()
+            model, voices = load_vocoder(model_dir, device=DEVICE)
+            v = voices["default"]
+            prepare_s3gen(model, dtype=dtype, cuda_graphs=graphs)
+            # accuracy first (reference = the fp32 variant, run first)
+            mel = model.tokens_to_mel(tok_err, v, seed=0)
+            wav = model.synthesize(tok_err, v, seed=0)
+            if name == "fp32":
+                ref["mel"], ref["wav"] = mel.cpu(), wav.cpu()
+            if ref:
+                r["mel_rel_err"] = _rel(mel, ref["mel"])
+                r["wav_rel_err"] = _rel(wav, ref["wav"])
+            # offline
+            for n in (50, 150):
+                tok = torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(n))
+                ts = []
+                for rep in range(4):
+                    sync()
+                    t0 = time.perf_counter()
+                    model.synthesize(tok, v, seed=0)
+                    sync()
+                    if rep:
+                        ts.append(time.perf_counter() - t0)
+                r[f"offline_s_{n}tok"] = statistics.median(ts)
+            # streaming, batch 1 (rep 0 warms up / captures the graphs)
+            firsts, later = [], []
+            for rep in range(3):
+                audio, first, lat = _stream_solo(model, v, tok_stream, seed=5)
+                if rep == 0:
+                    if name == "fp32":
+                        ref["stream"] = audio.cpu()
+                    if ref.get("stream") is not None:
+                        r["stream_wav_rel_err"] = _rel(audio, ref["stream"])
+                    r["stream_first_chunk_ms_cold"] = first
+                    continue
+                if first is not None:
+                    firsts.append(first)
+                later += lat
+            r["stream_first_chunk_ms"] = statistics.median(firsts) if firsts else None
+            r["stream_chunk_ms_p50"] = pct(later, 50)
+            r["stream_chunk_ms_p90"] = pct(later, 90)
+            print(f"  first chunk {r['stream_first_chunk_ms']} ms, chunk p50 {r['stream_chunk_ms_p50']} ms, "
+                  f"offline 50/150 {r['offline_s_50tok']:.4f}/{r['offline_s_150tok']:.4f} s, "
+                  f"mel err {r.get('mel_rel_err')}, wav err {r.get('wav_rel_err')}", flush=True)
+            try:
+                r["profile_first_chunk_top15"] = _profile_first_chunk(model, v, tok_stream)
+            except Exception as e:  # noqa: BLE001
+                r["profile_error"] = f"{type(e).__name__}: {e}"
+            # batched push_batch throughput (a warm-up pass of the same size first: graph capture)
+            batched = {}
+            for n in sizes:
+                try:
+                    _batched_throughput(model, v, n, min(n_batch_tokens, 60))
+                    batched[str(n)] = _batched_throughput(model, v, n, n_batch_tokens)
+                    print(f"  push_batch x{n}: {batched[str(n)]['audio_s_per_s']:.1f} audio s/s, "
+                          f"{batched[str(n)]['ms_per_call']:.1f} ms/call", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    batched[str(n)] = {"error": f"{type(e).__name__}: {e}"}
+                    traceback.print_exc()
+                    if DEVICE == "cuda":
+                        torch.cuda.empty_cache()
+            r["batched"] = batched
+            if graphs and getattr(model, "graphs", None) is not None:
+                r["graph_stats"] = model.graphs.stats()
+            r["peak_gpu_mem_GB"] = peak_gb()
+        except Exception as e:  # noqa: BLE001 - record and go on with the next variant
+            r["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        finally:
+            r["seconds"] = round(time.perf_counter() - t_var, 1)
+            del model
+            gc.collect()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    return out
 
 
 # ------------------------------------------------------------------------------------ report
@@ -413,7 +612,21 @@ def report(out: Path) -> str:
         f"| vocoder first streaming chunk (ms) | – | {f(s.get('stream_first_chunk_ms'))} | |",
         f"| peak GPU memory T3 / S3Gen (GB) | {f(u.get('peak_gpu_mem_GB'), '{:.2f}')} (both) | "
         f"{f(t.get('peak_gpu_mem_GB'), '{:.2f}')} / {f(s.get('peak_gpu_mem_GB'), '{:.2f}')} | |",
+        f"| T3 peak GPU memory at concurrency 1 (GB; KV grows with load) | | "
+        f"{f(t.get('peak_gpu_mem_GB_conc1'), '{:.2f}')} | |",
     ]
+    var = s.get("variants", {})
+    if var:
+        lines += ["", "| S3Gen variant | offline 50 / 150 tok s | stream first chunk ms | chunk p50 ms | "
+                  "push_batch audio s/s (8 / 32 / 64) | mel / wav / stream rel err vs fp32 | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, v in var.items():
+            b = v.get("batched", {})
+            thr = " / ".join(f(b.get(k, {}).get("audio_s_per_s"), "{:.0f}") for k in ("8", "32", "64"))
+            err = " / ".join(f(v.get(k), "{:.1e}") for k in ("mel_rel_err", "wav_rel_err", "stream_wav_rel_err"))
+            note = v.get("skipped") or v.get("error") or ""
+            lines.append(f"| {name} | {f(v.get('offline_s_50tok'), '{:.3f}')} / {f(v.get('offline_s_150tok'), '{:.3f}')} | "
+                         f"{f(v.get('stream_first_chunk_ms'))} | {f(v.get('stream_chunk_ms_p50'))} | {thr} | {err} | {note[:80]} |")
     sweep = t.get("batch_sweep", {})
     if sweep:
         lines += ["", "| concurrent T3 streams | aggregate tokens/s | real-time streams (25 tok/s) | TTFT p50 / p99 ms |",

@@ -8,6 +8,7 @@ from tts_common.config import REQUIRED, ConfigError, check_positive, setting
 
 VOCODER_ENGINES = ("pytorch", "onnxruntime", "tensorrt")
 LOG_FORMATS = ("json", "text")
+VOCODER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -21,7 +22,8 @@ class VocoderServiceConfig:
     engine: str = setting("pytorch", "S3Gen engine backend", choices=VOCODER_ENGINES)
     engine_dir: str | None = setting(None, "ONNX / TensorRT engine folder (engine=onnxruntime|tensorrt)")
     device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:N")
-    dtype: str = setting("auto", "S3Gen flow dtype: auto (= float32), float32, float16, bfloat16; HiFT stays float32")
+    dtype: str = setting("auto", "S3Gen flow dtype: auto (= float32), float32, float16, bfloat16; HiFT stays float32",
+                         choices=VOCODER_DTYPES)
     cuda_graphs: bool = setting(False, "S3Gen streaming steps through CUDA graphs, one per chunk shape (CUDA only)")
     max_streams: int = setting(128, "concurrent Vocode sessions; more get RESOURCE_EXHAUSTED")
     drain_seconds: float = setting(20.0, "on SIGTERM: seconds in-flight streams may take to finish")

@@ -292,6 +292,7 @@ class LLMEngine:
             for seq, tok in zip(admitted, toks):
                 seq.prefilled = True
                 self._emit(seq, tok)
+            self._flush()  # first tokens go out now, not after the decode step
         with self._lock:
             batch = self.scheduler.decode_batch()
         batch = [s for s in batch if not s.cancelled]

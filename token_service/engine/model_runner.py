@@ -220,7 +220,6 @@ class ModelRunner:
         Staged path (CUDA): up to ``prefill_rows`` sequences share one padded run in the staging
         rows. Texts too long for the buckets (and everything on CPU) prefill one by one in place.
         """
-        toks: list[Tensor] = []
         staged, alone = [], []
         for seq, prefix in zip(seqs, prefixes):
             self.ensure_group(self.groups.index(self.group_of(seq.slot)))
@@ -239,19 +238,26 @@ class ModelRunner:
             ids = torch.tensor(seq.text_ids, dtype=torch.long, device=self.device)
             with prefill_attention_backends(self.device):  # no per-length cuDNN plan builds
                 logits_of[seq.seq_id] = prefill(self.model, g.cache, seq.slot - g.start, prefix, ids)[None]
+        if not seqs:
+            return []
+        # first tokens of all of them in one batched sampling pass (rows gathered by slot)
+        idx = torch.tensor([q.slot for q in seqs], dtype=torch.long, device=self.device)
+        logits = torch.cat([logits_of[q.seq_id] for q in seqs])  # (n, V)
+        fast = all(self.row_top_k[q.slot] <= self.shape.topk_width for q in seqs)
+        args = (logits, self.seen[idx], self.temperature[idx], self.top_k[idx], self.top_p_threshold[idx],
+                self.top_p_on[idx], self.penalty[idx])
+        scores = process_logits_topk(*args, width=self.shape.topk_width) if fast else process_logits(*args)
+        tok = sample(scores.softmax(dim=-1), self.seed[idx], self.step[idx], self.vhash)  # (n,)
         for seq, prefix in zip(seqs, prefixes):
-            s = seq.slot
-            tok = self._sample(logits_of[seq.seq_id], slice(s, s + 1), self.row_top_k[s] <= self.shape.topk_width)
-            # upstream: later tokens see only the generated ids (the start token drops out)
-            self.seen[s] = False
-            self.seen[s, tok[0]] = True
-            self.step[s] = 1
-            self.tokens[s] = tok[0]
             seq.position = prefix.length + len(seq.text_ids) + 1
-            self.positions[s] = seq.position
-            self.active[s] = 1
-            toks.append(tok)
-        return torch.cat(toks).tolist() if toks else []
+        # upstream: later tokens see only the generated ids (the start token drops out)
+        self.seen[idx] = False
+        self.seen[idx, tok] = True
+        self.step[idx] = 1
+        self.tokens[idx] = tok
+        self.positions[idx] = torch.tensor([q.position for q in seqs], dtype=torch.long, device=self.device)
+        self.active[idx] = 1
+        return tok.tolist()
 
     def _staged_prefill(self, chunk: list[tuple[Sequence, VoicePrefix]]) -> Tensor:
         """Padded run of ``chunk`` in staging rows ``0..len-1`` (graph if captured), then copy each
@@ -276,9 +282,8 @@ class ModelRunner:
         for r, (seq, prefix) in enumerate(chunk):
             g, m = self.group_of(seq.slot), prefix.length + len(seq.text_ids) + 1
             local = seq.slot - g.start
-            for (k, v), (sk, sv) in zip(g.cache.view(slice(local, local + 1), m), self.staging.view(slice(r, r + 1), m)):
-                k.copy_(sk)
-                v.copy_(sv)
+            dst = [t for kv in g.cache.view(slice(local, local + 1), m) for t in kv]
+            torch._foreach_copy_(dst, [t for kv in self.staging.view(slice(r, r + 1), m) for t in kv])
         return self.pf_logits[:nb]
 
     def _prefill_body(self, n_rows: int, bucket: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import torch
@@ -106,6 +107,13 @@ def load_engine(cfg) -> VocoderEngine:
     model, voices = load_vocoder(cfg.model_dir, cfg.voices_dir, device=device)
     prepare_s3gen(model, dtype=dtype, cuda_graphs=graphs)
     engine = s3gen_engine(model, voices)
+    if graphs:  # capture the chunk shapes of the default voice now, not on the first streams
+        from vocoder_service.s3gen.accel import BATCH_BUCKETS, warm_up_streaming
+
+        t0 = time.perf_counter()
+        warm_up_streaming(model, voices[engine.default_voice], batch_sizes=tuple(b for b in BATCH_BUCKETS if b <= 16))
+        log.info("vocoder CUDA graphs captured", extra={"seconds": round(time.perf_counter() - t0, 1),
+                                                         "graphs": model.graphs.stats()})
     log.info("vocoder engine ready", extra={"engine": "pytorch", "device": str(device), "voices": engine.voices(),
                                             "dtype": str(parse_dtype(dtype)), "cuda_graphs": graphs})
     return engine

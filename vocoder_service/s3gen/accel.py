@@ -7,9 +7,13 @@
   convolutions) stay float32. ``"auto"`` and ``"float32"`` change nothing numerically.
 * HiFT's weight norm is folded (``HiFTGenerator.fold_weight_norm``): same numbers, one fewer op
   per convolution. The state dict then has plain ``weight`` keys: prepare only after loading.
+  Never prepare a ``copy.deepcopy`` of a model you still use: the copy shares the parametrized
+  conv classes, and folding removes their ``weight`` property (the original breaks).
 * ``cuda_graphs`` (CUDA only): the flow and HiFT's F0 predictor / generator become
   ``CudaGraphCache``s: the first call with a new input shape is captured (after a warm-up run),
-  later calls with that shape copy their inputs into the static buffers and replay. A streaming
+  later calls with that shape copy their inputs into the static buffers and replay. Batches are
+  padded (row 0 repeated) up to ``BATCH_BUCKETS`` so a few graphs serve every batch size;
+  ``warm_up_streaming`` captures the schedule's shapes before serving. A streaming
   session has few shapes (first chunk: always the same; later chunks: one per chunk size until
   ``context_tokens`` tokens are committed, then static), times the batch sizes ``push_batch``
   sees. ``stream_step`` uses them through ``flow_fn`` / ``f0_fn`` / ``decode_fn``; the offline
@@ -58,8 +62,10 @@ class CudaGraphCache:
     new ones also run eagerly. Thread-unsafe by design: one worker thread drives the model.
     """
 
-    def __init__(self, fn: Callable[..., Any], name: str, max_graphs: int = 64, warmup: int = 2):
+    def __init__(self, fn: Callable[..., Any], name: str, max_graphs: int = 64, warmup: int = 2,
+                 batch_buckets: tuple[int, ...] = ()):
         self.fn, self.name, self.max_graphs, self.warmup = fn, name, max_graphs, warmup
+        self.batch_buckets = tuple(sorted(batch_buckets))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]] = {}
         self.eager: set[tuple] = set()
         self.pool = None
@@ -71,6 +77,19 @@ class CudaGraphCache:
     def __call__(self, *args: torch.Tensor, **consts: Any):
         if not all(a.is_cuda for a in args):
             return self.fn(*args, **consts)
+        if self.batch_buckets:
+            # pad dim 0 (rows are independent) to the next bucket: a few graphs serve every batch size
+            B = args[0].size(0)
+            Bp = next((b for b in self.batch_buckets if b >= B), None)
+            if Bp is None:
+                return self.fn(*args, **consts)
+            if Bp > B:
+                args = tuple(torch.cat([a, a[:1].expand(Bp - B, *a.shape[1:])]) for a in args)
+                out = self._call(args, consts)
+                return out[:B] if isinstance(out, torch.Tensor) else tuple(o[:B] for o in out)
+        return self._call(args, consts)
+
+    def _call(self, args: tuple[torch.Tensor, ...], consts: dict):
         key = self._key(args, consts)
         entry = self.graphs.get(key)
         if entry is None:
@@ -118,13 +137,17 @@ class CudaGraphCache:
                 "replays": self.replays}
 
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # streaming batches are padded up to one of these (larger: eager)
+
+
 class S3GenGraphs:
     """The graphed callables ``stream_step`` uses (attribute ``model.graphs``)."""
 
-    def __init__(self, model, max_graphs: int = 64):
-        self.flow = CudaGraphCache(model.flow, "flow", max_graphs)
-        self.f0 = CudaGraphCache(model.mel2wav.f0_at_samples, "hift.f0", max_graphs)
-        self.decode = CudaGraphCache(model.mel2wav.decode, "hift.decode", max_graphs)
+    def __init__(self, model, max_graphs: int = 64, batch_buckets: tuple[int, ...] = BATCH_BUCKETS):
+        kw = dict(max_graphs=max_graphs, batch_buckets=batch_buckets)
+        self.flow = CudaGraphCache(model.flow, "flow", **kw)
+        self.f0 = CudaGraphCache(model.mel2wav.f0_at_samples, "hift.f0", **kw)
+        self.decode = CudaGraphCache(model.mel2wav.decode, "hift.decode", **kw)
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {"flow": self.flow.stats(), "f0": self.f0.stats(), "decode": self.decode.stats()}
@@ -146,6 +169,22 @@ def decode_fn(model) -> Callable:
     return g.decode if g is not None else model.mel2wav.decode
 
 
+def warm_up_streaming(model, voice, config=None, batch_sizes: tuple[int, ...] = (1,), n_tokens: int = 120) -> None:
+    """Run ``n_tokens`` through ``push_batch`` at each batch size, so every chunk shape of the
+    schedule (first chunk, growing chunks, static chunks once ``context_tokens`` are committed)
+    is captured before serving (with CUDA graphs; without, it only warms kernels)."""
+    from .streaming import StreamingSession, push_batch
+
+    g = torch.Generator().manual_seed(0)
+    for b in batch_sizes:
+        sessions = [StreamingSession(model, voice, seed=i, config=config) for i in range(b)]
+        toks = torch.randint(0, model.cfg.vocab_size, (b, n_tokens), generator=g).tolist()
+        for i in range(0, n_tokens, 5):
+            push_batch(sessions, [t[i:i + 5] for t in toks])
+        for s in sessions:
+            s.close()
+
+
 def prepare_s3gen(model, dtype: str | torch.dtype = "auto", cuda_graphs: bool = False, max_graphs: int = 64):
     """Make a loaded ``S3GenModel`` ready for serving, in place (see the module docstring).
 
@@ -157,5 +196,8 @@ def prepare_s3gen(model, dtype: str | torch.dtype = "auto", cuda_graphs: bool = 
     model.eval()
     model.mel2wav.fold_weight_norm()
     model.flow.to(dt)
+    # torch.istft reads its window envelope on the host: not capturable; the graphed path uses
+    # the device-only overlap-add inverse (equal to rounding; tests/vocoder_service/test_accel.py)
+    model.mel2wav.graph_safe_istft = bool(cuda_graphs)
     model.graphs = S3GenGraphs(model, max_graphs) if cuda_graphs else None
     return model

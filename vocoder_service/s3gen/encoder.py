@@ -86,11 +86,17 @@ class RelPositionSelfAttention(nn.Module):
         k = self.linear_k(x).view(B, T, H, Dh).transpose(1, 2)
         v = self.linear_v(x).view(B, T, H, Dh).transpose(1, 2)
         p = self.linear_pos(pos).view(1, -1, H, Dh).transpose(1, 2)  # (1, H, 2T-1, Dh)
-        content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # (B,H,T,T)
         position = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))  # (B,H,T,2T-1)
         # pick, for query i and key j, the column of distance i-j: k = T-1-i+j
         idx = (T - 1) - torch.arange(T, device=x.device).unsqueeze(1) + torch.arange(T, device=x.device)
         position = position.gather(-1, idx.expand(B, H, T, T))
+        if key_mask is None:
+            # softmax((q+u) k^T / sqrt(Dh) + position / sqrt(Dh)) v as one fused attention with an
+            # additive bias (same numbers to rounding; no (B,H,T,T) softmax round trip)
+            out = F.scaled_dot_product_attention((q + self.pos_bias_u).transpose(1, 2), k, v,
+                                                 attn_mask=position / math.sqrt(Dh))
+            return self.linear_out(out.transpose(1, 2).reshape(B, T, D))
+        content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # (B,H,T,T)
         scores = (content + position) / math.sqrt(Dh)
         if key_mask is not None:
             masked = ~key_mask[:, None, None, :]

@@ -133,6 +133,24 @@ class HarmonicSource(nn.Module):
         return torch.tanh(self.l_linear(waves.transpose(1, 2))).transpose(1, 2), end
 
 
+def overlap_add_istft(spec: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """``torch.istft(spec, n_fft, hop, n_fft, window, center=True)`` without its host sync.
+
+    spec: (B, n_fft//2+1, T) complex -> (B, hop*(T-1)). ``torch.istft`` checks the window
+    envelope on the host (a device -> host read), which a CUDA graph cannot capture; this is the
+    same inverse (irfft, window, overlap-add, divide by the summed squared window, trim n_fft/2
+    on both sides) in device-only ops. Equal to ``torch.istft`` to float rounding.
+    """
+    T = spec.size(-1)
+    frames = torch.fft.irfft(spec, n=n_fft, dim=1) * window.view(1, -1, 1)  # (B, n_fft, T)
+    length = n_fft + hop * (T - 1)
+    fold = dict(output_size=(1, length), kernel_size=(1, n_fft), stride=(1, hop))
+    y = F.fold(frames, **fold).view(spec.size(0), length)
+    env = F.fold((window * window).view(1, -1, 1).expand(1, n_fft, T), **fold).view(1, length)
+    half = n_fft // 2
+    return y[:, half:length - half] / env[:, half:length - half]
+
+
 class HiFTGenerator(nn.Module):
     def __init__(self, cfg: S3GenConfig):
         super().__init__()
@@ -167,6 +185,7 @@ class HiFTGenerator(nn.Module):
         n = torch.arange(self.n_fft, dtype=torch.float64)
         window = (0.5 - 0.5 * torch.cos(2 * math.pi * n / self.n_fft)).float()  # periodic Hann
         self.register_buffer("stft_window", window, persistent=False)
+        self.graph_safe_istft = False  # set by accel.prepare_s3gen(cuda_graphs=True)
 
     def fold_weight_norm(self) -> None:
         """Replace each weight-norm parametrization by its current weight (inference only)."""
@@ -198,7 +217,11 @@ class HiFTGenerator(nn.Module):
         half = self.n_fft // 2 + 1
         mag = torch.exp(x[:, :half]).clamp(max=1e2)
         ph = torch.sin(x[:, half:])
-        audio = torch.istft(torch.complex(mag * torch.cos(ph), mag * torch.sin(ph)), self.n_fft, self.hop, self.n_fft, window=self.stft_window)
+        spec = torch.complex(mag * torch.cos(ph), mag * torch.sin(ph))
+        if self.graph_safe_istft:
+            audio = overlap_add_istft(spec, self.n_fft, self.hop, self.stft_window)
+        else:
+            audio = torch.istft(spec, self.n_fft, self.hop, self.n_fft, window=self.stft_window)
         return audio.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)
 
     def forward(self, mel: torch.Tensor, rnd: SourceNoise) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,84 @@
+"""The CUDA-only part of the S3Gen fast path: graph capture / replay of the streaming steps.
+Skipped without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vocoder_service.s3gen import S3GenModel, StreamingSession
+from vocoder_service.s3gen.accel import prepare_s3gen
+from vocoder_service.s3gen.streaming import push_batch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _on_cuda(model: S3GenModel, **kw) -> S3GenModel:
+    m = S3GenModel(model.cfg)
+    m.load_state_dict(model.state_dict())
+    return prepare_s3gen(m.eval().cuda(), **kw)
+
+
+def _stream(model, voice, tokens: list[int], seed: int, step: int = 3) -> torch.Tensor:
+    s = StreamingSession(model, voice, seed=seed)
+    outs = [s.push(tokens[i:i + step]) for i in range(0, len(tokens), step)]
+    outs.append(s.finish())
+    s.close()
+    return torch.cat(outs)
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_graphed_stream_equals_eager(tiny_model, tiny_voice):
+    eager = _on_cuda(tiny_model)
+    graphed = _on_cuda(tiny_model, cuda_graphs=True)
+    tok = torch.randint(0, tiny_model.cfg.vocab_size, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = _stream(eager, tiny_voice, tok, seed=1)
+    first = _stream(graphed, tiny_voice, tok, seed=1)   # captures
+    again = _stream(graphed, tiny_voice, tok, seed=1)   # replays
+    stats = graphed.graphs.stats()
+    assert stats["flow"]["graphs"] >= 1 and stats["flow"]["eager_shapes"] == 0, stats
+    assert stats["decode"]["eager_shapes"] == 0, stats  # the overlap-add iSTFT is capturable
+    assert stats["flow"]["replays"] > stats["flow"]["captures"]
+    assert first.numel() == ref.numel() == 80 * 960
+    assert rel(first, ref) <= 1e-4 and rel(again, ref) <= 1e-4
+
+
+def test_graphed_batch_rows_do_not_mix(tiny_model, tiny_voice):
+    graphed = _on_cuda(tiny_model, cuda_graphs=True)
+    g = torch.Generator().manual_seed(2)
+    toks = [torch.randint(0, tiny_model.cfg.vocab_size, (40,), generator=g).tolist() for _ in range(3)]
+    solo = [_stream(graphed, tiny_voice, t, seed=i, step=5) for i, t in enumerate(toks)]
+    sessions = [StreamingSession(graphed, tiny_voice, seed=i) for i in range(3)]
+    outs = [[] for _ in sessions]
+    for i in range(0, 40, 5):
+        for o, a in zip(outs, push_batch(sessions, [t[i:i + 5] for t in toks])):
+            o.append(a)
+    for o, s in zip(outs, sessions):
+        o.append(s.finish())
+    for o, ref in zip(outs, solo):
+        assert rel(torch.cat(o), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_flow_on_cuda_close_to_fp32(tiny_model, tiny_voice, dtype):
+    ref_model = _on_cuda(tiny_model)
+    half = _on_cuda(tiny_model, dtype=dtype, cuda_graphs=True)
+    tok = torch.randint(0, tiny_model.cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
+    assert rel(half.tokens_to_mel(tok, tiny_voice, seed=0), ref_model.tokens_to_mel(tok, tiny_voice, seed=0)) <= 0.05
+
+
+def test_warm_up_captures_every_schedule_shape(tiny_model, tiny_voice):
+    from vocoder_service.s3gen.accel import warm_up_streaming
+
+    graphed = _on_cuda(tiny_model, cuda_graphs=True)
+    warm_up_streaming(graphed, tiny_voice, batch_sizes=(1, 2, 4), n_tokens=120)
+    before = graphed.graphs.stats()
+    tok = torch.randint(0, tiny_model.cfg.vocab_size, (3, 100), generator=torch.Generator().manual_seed(4)).tolist()
+    sessions = [StreamingSession(graphed, tiny_voice, seed=i) for i in range(3)]  # batch 3 -> bucket 4
+    for i in range(0, 100, 5):
+        push_batch(sessions, [t[i:i + 5] for t in tok])
+    after = graphed.graphs.stats()
+    assert after["flow"]["captures"] == before["flow"]["captures"], (before, after)
+    assert after["flow"]["replays"] > before["flow"]["replays"]
