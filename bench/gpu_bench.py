@@ -392,6 +392,7 @@ def s3gen(model_dir: Path) -> None:
 S3GEN_VARIANTS = {  # name -> (flow dtype, CUDA graphs)
     "fp32": ("float32", False), "bf16": ("bfloat16", False), "fp16": ("float16", False),
     "fp32_graphs": ("float32", True), "bf16_graphs": ("bfloat16", True), "fp16_graphs": ("float16", True),
+    "tf32_graphs": ("float32", True),  # fp32 weights, TF32 matmuls / convs (torch.backends flags)
 }
 S3GEN_BUDGET_S = 360.0
 
@@ -505,6 +506,9 @@ def s3gen_variants(model_dir: Path, voice) -> dict:
         print(f"-- s3gen variant {name}", flush=True)
         t_var = time.perf_counter()
         model = None
+        tf32 = name.startswith("tf32")
+        prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
             peak_reset()
             model, voices = load_vocoder(model_dir, device=DEVICE)
@@ -558,7 +562,7 @@ def s3gen_variants(model_dir: Path, voice) -> dict:
             batched = {}
             for n in sizes:
                 try:
-                    _batched_throughput(model, v, n, min(n_batch_tokens, 60))
+                    _batched_throughput(model, v, n, n_batch_tokens)  # warm-up: every chunk shape once
                     batched[str(n)] = _batched_throughput(model, v, n, n_batch_tokens)
                     print(f"  push_batch x{n}: {batched[str(n)]['audio_s_per_s']:.1f} audio s/s, "
                           f"{batched[str(n)]['ms_per_call']:.1f} ms/call", flush=True)
@@ -570,11 +574,13 @@ def s3gen_variants(model_dir: Path, voice) -> dict:
             r["batched"] = batched
             if graphs and getattr(model, "graphs", None) is not None:
                 r["graph_stats"] = model.graphs.stats()
+                print(f"  graphs: {r['graph_stats']}", flush=True)
             r["peak_gpu_mem_GB"] = peak_gb()
         except Exception as e:  # noqa: BLE001 - record and go on with the next variant
             r["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev_tf32
             r["seconds"] = round(time.perf_counter() - t_var, 1)
             del model
             gc.collect()

@@ -68,6 +68,7 @@ class CudaGraphCache:
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]] = {}
         self.eager: set[tuple] = set()
+        self.errors: list[str] = []  # the first capture failures, for logs / the bench
         self.pool = None
         self.captures = self.replays = 0
 
@@ -125,16 +126,21 @@ class CudaGraphCache:
             log.warning("CUDA graph capture of %s for %s failed (%s: %s); running it eagerly",
                         self.name, key[0], type(exc).__name__, exc)
             self.eager.add(key)
-            torch.cuda.synchronize()
+            if len(self.errors) < 4:
+                self.errors.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001 - already reported above
+                pass
             return None
         self.captures += 1
         entry = (graph, static_in, static_out)
         self.graphs[key] = entry
         return entry
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return {"graphs": len(self.graphs), "eager_shapes": len(self.eager), "captures": self.captures,
-                "replays": self.replays}
+                "replays": self.replays, "capture_errors": list(self.errors)}
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # streaming batches are padded up to one of these (larger: eager)
@@ -149,7 +155,7 @@ class S3GenGraphs:
         self.f0 = CudaGraphCache(model.mel2wav.f0_at_samples, "hift.f0", **kw)
         self.decode = CudaGraphCache(model.mel2wav.decode, "hift.decode", **kw)
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, Any]]:
         return {"flow": self.flow.stats(), "f0": self.f0.stats(), "decode": self.decode.stats()}
 
 

@@ -98,12 +98,9 @@ class RelPositionSelfAttention(nn.Module):
             return self.linear_out(out.transpose(1, 2).reshape(B, T, D))
         content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # (B,H,T,T)
         scores = (content + position) / math.sqrt(Dh)
-        if key_mask is not None:
-            masked = ~key_mask[:, None, None, :]
-            scores = scores.masked_fill(masked, float("-inf"))
-            attn = torch.softmax(scores, dim=-1).masked_fill(masked, 0.0)
-        else:
-            attn = torch.softmax(scores, dim=-1)
+        masked = ~key_mask[:, None, None, :]
+        scores = scores.masked_fill(masked, float("-inf"))
+        attn = torch.softmax(scores, dim=-1).masked_fill(masked, 0.0)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(B, T, D)
         return self.linear_out(out)
 

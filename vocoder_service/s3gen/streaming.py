@@ -97,6 +97,7 @@ class StreamState:
     cycles: torch.Tensor | None = None      # (H+1,) source cycles at the first sample of ``emitted``
     tail: torch.Tensor | None = None        # (X,) previous step's audio from ``emitted`` on (held back)
     prompt_noise: torch.Tensor | None = None  # (n_mels, Fp) flow noise of the prompt frames (a constant)
+    prompt_tokens_cpu: torch.Tensor | None = None  # (Tp,) the voice's prompt tokens, host copy
 
 
 def new_state(model: S3GenModel, voice: VoiceCond, seed: int) -> StreamState:
@@ -143,7 +144,9 @@ def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.
             nctx = min(config.context_tokens, s.committed)
             start = s.committed - nctx
             ctx = torch.tensor(s.tokens[start - s.token_base:s.committed - s.token_base], dtype=torch.long)
-            windows.append(torch.cat([s.voice.prompt_token[0].cpu(), ctx, c.cpu(), a.cpu()]))
+            if s.prompt_tokens_cpu is None:  # once per session, not a device -> host copy per step
+                s.prompt_tokens_cpu = s.voice.prompt_token[0].cpu()
+            windows.append(torch.cat([s.prompt_tokens_cpu, ctx, c.cpu(), a.cpu()]))
             fp = s.voice.n_prompt_frames
             if s.prompt_noise is None:
                 s.prompt_noise = s.noise.mel(0, fp)
@@ -324,6 +327,7 @@ def push_batch(sessions: Sequence[StreamingSession], token_lists: Sequence[Any])
             ahead = torch.cat([a for _, a in parts])
             model = sessions[idx[0]].model
             audio = stream_step(model, [sessions[i].state for i in idx], chunk, ahead, False, config)
+            audio = torch.cat(audio).cpu().split([a.numel() for a in audio])  # one device -> host copy
             for i, a in zip(idx, audio):
                 sessions[i]._last_chunk = n
                 outs[i].append(a.cpu())
