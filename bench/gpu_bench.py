@@ -679,6 +679,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--sweep", default="1,8,32,64,128,256")
     ap.add_argument("--sections", default="upstream,t3,accuracy,s3gen,services")
+    ap.add_argument("--vocoder-flags", default="--dtype float16 --cuda-graphs true",
+                    help="services section on the GPU: the vocoder's engine settings (fastest accurate variant)")
     ap.add_argument("--level-time-s", type=float, default=20.0, help="services sweep: seconds per level")
     ap.add_argument("--stack-dump-s", type=float, default=120.0)
     ap.add_argument("--cpu-dry-run", action="store_true",
@@ -712,7 +714,8 @@ def main() -> None:
         from bench.service_load import services_section
 
         section("services")(services_section)(model_dir, sweep, RESULTS, level_time_s=args.level_time_s,
-                                              log_dir=out / "service-logs")
+                                              log_dir=out / "service-logs",
+                                              vocoder_flags=args.vocoder_flags.split() if DEVICE == "cuda" else [])
     print(report(out))
 
 

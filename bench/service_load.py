@@ -615,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------- GPU bench entry
 def services_section(model_dir: Path, sweep: list[int], results: dict, *, device: str | None = None,
                      max_new_tokens: int | None = None, c1_requests: int = 20, level_time_s: float | None = None,
-                     log_dir: Path | None = None, ready_timeout_s: float = 900.0) -> None:
+                     log_dir: Path | None = None, ready_timeout_s: float = 900.0,
+                     vocoder_flags: list[str] | None = None) -> None:
     """Both services as processes on ``device`` (default: cuda if available, else cpu), then measure.
 
     Writes ``results["services"]``: ``ttfa_c1_p50_ms`` / ``ttfa_c1_p90_ms`` (concurrency 1,
@@ -652,8 +653,9 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     if skipped:
         out["skipped_levels_on_cpu"] = skipped
     results["services"] = out
+    out["config"]["vocoder_flags"] = list(vocoder_flags or [])
     procs = ServiceProcesses(Path(model_dir), device=device, max_streams=top, token_flags=token_flags,
-                             log_dir=log_dir, ready_timeout_s=ready_timeout_s)
+                             vocoder_flags=list(vocoder_flags or []), log_dir=log_dir, ready_timeout_s=ready_timeout_s)
     t0 = time.perf_counter()
     with GpuMemSampler() as gpu, procs:
         out["startup_s"] = round(time.perf_counter() - t0, 1)

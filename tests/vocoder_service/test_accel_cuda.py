@@ -57,8 +57,11 @@ def test_graphed_batch_rows_do_not_mix(tiny_model, tiny_voice):
             o.append(a)
     for o, s in zip(outs, sessions):
         o.append(s.finish())
+    # Batch 3 runs padded to a batch-4 graph, solo runs a batch-1 graph: cuDNN/cuBLAS choose other
+    # kernels (TF32 convolutions by default) per batch shape, which moved the audio by 4.1e-4 relative
+    # on the H100 (2026-11-25). Rows that mixed would differ by O(1), so 2e-3 still catches mixing.
     for o, ref in zip(outs, solo):
-        assert rel(torch.cat(o), ref) <= 1e-4
+        assert rel(torch.cat(o), ref) <= 2e-3
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
