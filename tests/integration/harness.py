@@ -105,13 +105,18 @@ class RunningService:
     def stats(self) -> dict:
         return self.thread.run(_call(self.servicer.stats))
 
-    def wait_idle(self, timeout: float = 5.0) -> dict:
+    def wait_idle(self, timeout: float = 5.0, settle: float = 0.2) -> dict:
         """Wait until no stream, KV slot or session is open; returns the stats (asserting is the caller's)."""
         deadline = time.monotonic() + timeout
+        idle_since: float | None = None
         while True:
             s = self.stats()
             idle = s["active_streams"] == 0 and s.get("active", 0) == 0 and s.get("active_sessions", 0) == 0
-            if idle or time.monotonic() > deadline:
+            now = time.monotonic()
+            # idle must hold for `settle` seconds: a call the peer opened just before an error (the
+            # token service opens its Vocode call right after the config) may still be arriving
+            idle_since = (idle_since or now) if idle else None
+            if (idle_since is not None and now - idle_since >= settle) or now > deadline:
                 return s
             time.sleep(0.02)
 
