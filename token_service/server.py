@@ -35,7 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from token_service.sentences import SentenceSplitter, split_sentences
 from tts_api.v1 import common_pb2, token_service_pb2, token_service_pb2_grpc, vocoder_service_pb2, vocoder_service_pb2_grpc
 from tts_common.audio import SAMPLES_PER_TOKEN, StreamEncoder, resolve_format
-from tts_common.grpc_server import Admission, ServiceServer
+from tts_common.grpc_server import Admission, ServiceServer, serve_until_signal, service_main
 from tts_common.telemetry import Telemetry, context_from_metadata, outgoing_metadata
 
 log = logging.getLogger("token_service.server")
@@ -47,6 +47,7 @@ SPEECH_VOCAB_SIZE = 6561
 QUEUE_CHUNKS = 64  # bound of each queue between the tasks of one stream
 OUT_QUEUE_CHUNKS = 4  # audio chunks (up to 1 s each) held for a client that reads slowly (tests/reliability)
 VOCODER_LINK_MAX_BYTES = 4 * 1024 * 1024
+DRAIN_INPUT_S = 1.0  # after a failure, read the client's remaining input this long before answering
 VOCODER_KEEPALIVE_MS = 10_000  # ping the vocoder link when quiet; no answer in half that: UNAVAILABLE (tests/reliability)
 _NOTHING = object()
 
@@ -279,6 +280,7 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
         except _Failure as f:
             run.status = f.code.name
             await run.cleanup()
+            await run.drain_requests(DRAIN_INPUT_S)
             await context.abort(f.code, f.message)
         except grpc.aio.AbortError:
             raise
@@ -532,6 +534,23 @@ class _Synthesis:
         return _Failure(grpc.StatusCode.INTERNAL, f"{where} failed: {code.name}: {details}")
 
     # ---- end of stream
+    async def drain_requests(self, timeout: float) -> None:
+        """Read (and drop) what the client is still sending, up to its end or ``timeout`` seconds.
+
+        Ending the call while a grpc.aio client is still writing makes that client see
+        ``INTERNAL: Internal error from Core`` instead of our status (grpc/grpc#36066); a client
+        that has already sent its end marker is answered with the real status at once.
+        """
+        async def consume() -> None:
+            async for req in self.requests:
+                if req.WhichOneof("kind") == "end":
+                    return
+
+        try:
+            await asyncio.wait_for(consume(), timeout)
+        except Exception:  # timeout, a broken or already finished request stream: answer anyway
+            pass
+
     async def cleanup(self) -> None:
         """Cancel the tasks (closing the T3 stream = KV slot) and the Vocode call (= vocoder session)."""
         for task in self.tasks:
@@ -609,37 +628,20 @@ async def start_server(cfg, engine, telemetry: Telemetry, make_sampling=None) ->
 
 async def serve(cfg, engine=None, telemetry: Telemetry | None = None) -> None:
     """Load the engine (unless given), serve on ``cfg.listen`` until SIGTERM, then drain."""
-    if engine is None:
+
+    def load_engine(cfg):
         from token_service.engine_loader import load_engine
 
-        engine = load_engine(cfg)
-    telemetry = telemetry or Telemetry.from_env("token-service")
-    server, _ = await start_server(cfg, engine, telemetry)
-    try:
-        await server.serve_until_signal(cfg.drain_seconds)
-    finally:
-        telemetry.shutdown()
+        return load_engine(cfg)
+
+    await serve_until_signal("token-service", cfg, engine, load_engine, start_server, telemetry)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tts-token-service` (flags and TTS_* env; see --help)."""
     from token_service.config import TokenServiceConfig
-    from tts_common.config import ConfigError, load_config
-    from tts_common.logs import setup_logging
 
-    try:
-        cfg = load_config(TokenServiceConfig, sys.argv[1:] if argv is None else argv, prog="tts-token-service")
-    except ConfigError as exc:
-        print(f"tts-token-service: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("token-service", cfg.log_level, cfg.log_format)
-    try:
-        asyncio.run(serve(cfg))
-    except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # bad model folder, port taken, ...
-        log.error("startup failed: %s", exc, exc_info=cfg.log_level == "DEBUG")
-        print(f"tts-token-service: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return service_main("tts-token-service", "token-service", TokenServiceConfig, serve, argv)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,47 @@ class ServiceServer:
             except (NotImplementedError, RuntimeError):  # not the main thread / platform without signals
                 pass
         await self._stopped.wait()
+
+
+async def serve_until_signal(name: str, cfg, engine, load_engine, start_server, telemetry=None) -> None:
+    """Load the engine (unless given), start the server, serve until SIGTERM/SIGINT, then drain.
+
+    ``load_engine(cfg)`` builds the engine; ``start_server(cfg, engine, telemetry)`` returns
+    ``(ServiceServer, servicer)``; telemetry comes from the standard ``OTEL_*`` variables unless given.
+    """
+    from tts_common.telemetry import Telemetry
+
+    if engine is None:
+        engine = load_engine(cfg)
+    telemetry = telemetry or Telemetry.from_env(name)
+    server, _ = await start_server(cfg, engine, telemetry)
+    try:
+        await server.serve_until_signal(cfg.drain_seconds)
+    finally:
+        telemetry.shutdown()
+
+
+def service_main(prog: str, name: str, config_cls, serve, argv: Sequence[str] | None) -> int:
+    """A service's console entry point: config from flags and ``TTS_*`` env, logging, ``serve(cfg)``.
+
+    Exit codes: 0 after a clean drain, 2 for bad configuration, 1 when start-up fails (bad model
+    folder, port taken, ...), each with a one-line reason on stderr.
+    """
+    import sys
+
+    from tts_common.config import ConfigError, load_config
+    from tts_common.logs import setup_logging
+
+    try:
+        cfg = load_config(config_cls, sys.argv[1:] if argv is None else argv, prog=prog)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(name, cfg.log_level, cfg.log_format)
+    try:
+        asyncio.run(serve(cfg))
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+        log.error("startup failed: %s", exc, exc_info=cfg.log_level == "DEBUG")
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tts_api.v1 import common_pb2, vocoder_service_pb2, vocoder_service_pb2_grpc
-from tts_common.grpc_server import Admission, ServiceServer
+from tts_common.grpc_server import Admission, ServiceServer, serve_until_signal, service_main
 from tts_common.telemetry import Telemetry, context_from_metadata
 from vocoder_service.engine import SAMPLE_RATE, SPEECH_VOCAB_SIZE, UnknownVoiceError
 
@@ -198,37 +198,20 @@ async def start_server(cfg, engine, telemetry: Telemetry) -> tuple[ServiceServer
 
 async def serve(cfg, engine=None, telemetry: Telemetry | None = None) -> None:
     """Load the engine (unless given), serve on ``cfg.listen`` until SIGTERM, then drain."""
-    if engine is None:
+
+    def load_engine(cfg):
         from vocoder_service.engine.loader import load_engine
 
-        engine = load_engine(cfg)
-    telemetry = telemetry or Telemetry.from_env("vocoder-service")
-    server, _ = await start_server(cfg, engine, telemetry)
-    try:
-        await server.serve_until_signal(cfg.drain_seconds)
-    finally:
-        telemetry.shutdown()
+        return load_engine(cfg)
+
+    await serve_until_signal("vocoder-service", cfg, engine, load_engine, start_server, telemetry)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tts-vocoder-service` (flags and TTS_* env; see --help)."""
-    from tts_common.config import ConfigError, load_config
-    from tts_common.logs import setup_logging
     from vocoder_service.config import VocoderServiceConfig
 
-    try:
-        cfg = load_config(VocoderServiceConfig, sys.argv[1:] if argv is None else argv, prog="tts-vocoder-service")
-    except ConfigError as exc:
-        print(f"tts-vocoder-service: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("vocoder-service", cfg.log_level, cfg.log_format)
-    try:
-        asyncio.run(serve(cfg))
-    except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # bad model folder, port taken, ...
-        log.error("startup failed: %s", exc, exc_info=cfg.log_level == "DEBUG")
-        print(f"tts-vocoder-service: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return service_main("tts-vocoder-service", "vocoder-service", VocoderServiceConfig, serve, argv)
 
 
 if __name__ == "__main__":
