@@ -135,3 +135,25 @@ def test_topk_fast_path_keeps_ties_with_the_kth_value():
     full, fast = _ours(lg, seen, ps), _fast(lg, seen, ps, width=64)
     assert int(torch.isfinite(fast[0]).sum()) == 40
     assert torch.equal(full, fast)
+
+
+def test_hashed_uniform_is_strictly_inside_the_unit_interval():
+    """The extreme hashes must map inside (0, 1): E = -log(U) > 0 and finite, so a zero-probability
+    token can never win ``argmax(p / E)`` (U == 1.0 gave 0/0 = NaN, which argmax picks)."""
+    import torch
+
+    from token_service.t3.sampling import bits_to_unit, sample, vocab_hash
+
+    u = bits_to_unit(torch.tensor([0, 1, 0xFFFFFEFF, 0xFFFFFFFF], dtype=torch.int64))
+    assert bool((u > 0).all()) and bool((u < 1).all()), u
+    e = -torch.log(u)
+    assert bool((e > 0).all()) and bool(torch.isfinite(e).all())
+    # one-hot rows always return their one token, whatever the seed and step
+    V = 6563
+    probs = torch.zeros(64, V)
+    ids = torch.randint(0, V, (64,), generator=torch.Generator().manual_seed(0))
+    probs[torch.arange(64), ids] = 1.0
+    vh = vocab_hash(V, "cpu")
+    for step in range(50):
+        got = sample(probs, torch.arange(64, dtype=torch.int64) * 7919, torch.full((64,), step), vh)
+        assert torch.equal(got, ids)

@@ -152,7 +152,17 @@ def hashed_uniform(seed: Tensor, step: Tensor, vocab_hash: Tensor) -> Tensor:
     """
     key = _hash32(_hash32(seed ^ 0x9E3779B9) ^ (step & _MASK32))  # (B,)
     bits = _hash32(key[:, None] ^ vocab_hash[None, :])  # (B, V)
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return bits_to_unit(bits)
+
+
+def bits_to_unit(bits: Tensor) -> Tensor:
+    """32-bit hashes -> float32 strictly inside (0, 1): ``(k + 0.5) / 2**23`` for the top 23 bits ``k``.
+
+    23 bits, not 24: ``(2**24 - 0.5) / 2**24`` rounds to exactly 1.0 in float32, and ``-log(1) = 0``
+    would turn ``p / E`` into ``0 / 0 = NaN`` for a filtered-out token, which ``argmax`` then picks
+    (seen as a wrong greedy token once in ~40 CI runs' worth of draws).
+    """
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def vocab_hash(vocab: int, device: torch.device | str) -> Tensor:
