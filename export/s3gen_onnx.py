@@ -138,26 +138,9 @@ class HiFTDecoderGraph(nn.Module):
         self.istft = DFTISTFT(hift.n_fft, hift.hop, hift.stft_window)
 
     def forward(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        h = self.hift
-        cfg = h.cfg
-        s = self.stft(source[:, 0])
-        x = h.conv_pre(mel)
-        nk = len(cfg.resblock_kernels)
-        for i, up in enumerate(h.ups):
-            x = up(F.leaky_relu(x, cfg.lrelu_slope))
-            if i == len(h.ups) - 1:
-                x = F.pad(x, (1, 0), mode="reflect")
-            x = x + h.source_resblocks[i](h.source_downs[i](s))
-            acc = h.resblocks[i * nk](x)
-            for j in range(1, nk):
-                acc = acc + h.resblocks[i * nk + j](x)
-            x = acc / nk
-        x = h.conv_post(F.leaky_relu(x))
-        half = h.n_fft // 2 + 1
-        mag = torch.exp(x[:, :half]).clamp(max=1e2)
-        ph = torch.sin(x[:, half:])
-        audio = self.istft(mag * torch.cos(ph), mag * torch.sin(ph))
-        return audio.clamp(-cfg.audio_limit, cfg.audio_limit)
+        re, im = self.hift.spectrum(mel, self.stft(source[:, 0]))
+        limit = self.hift.cfg.audio_limit
+        return self.istft(re, im).clamp(-limit, limit)
 
 
 @dataclass

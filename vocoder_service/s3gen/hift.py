@@ -201,14 +201,26 @@ class HiFTGenerator(nn.Module):
         """mel (B, n_mels, T), excitation (B, 1, T*frame_samples) -> audio (B, T*frame_samples)."""
         spec = torch.stft(source.squeeze(1), self.n_fft, self.hop, self.n_fft, window=self.stft_window,
                           return_complex=True)
-        s = torch.cat([spec.real, spec.imag], dim=1)
+        re, im = self.spectrum(mel, torch.cat([spec.real, spec.imag], dim=1))
+        spec = torch.complex(re, im)
+        if self.graph_safe_istft:
+            audio = overlap_add_istft(spec, self.n_fft, self.hop, self.stft_window)
+        else:
+            audio = torch.istft(spec, self.n_fft, self.hop, self.n_fft, window=self.stft_window)
+        return audio.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)
+
+    def spectrum(self, mel: torch.Tensor, source_stft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator between the STFTs: mel (B, n_mels, T) and the excitation's STFT as
+        [real | imag] (B, 2·(n_fft/2+1), T') -> the output spectrum's (real, imag), each (B, n_fft/2+1, T').
+
+        Shared by :meth:`decode` (torch.stft / istft) and the ONNX graph (DFT convolutions)."""
         x = self.conv_pre(mel)
         nk = len(self.cfg.resblock_kernels)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, self.cfg.lrelu_slope))
             if i == len(self.ups) - 1:
                 x = F.pad(x, (1, 0), mode="reflect")
-            x = x + self.source_resblocks[i](self.source_downs[i](s))
+            x = x + self.source_resblocks[i](self.source_downs[i](source_stft))
             acc = self.resblocks[i * nk](x)
             for j in range(1, nk):
                 acc = acc + self.resblocks[i * nk + j](x)
@@ -217,12 +229,7 @@ class HiFTGenerator(nn.Module):
         half = self.n_fft // 2 + 1
         mag = torch.exp(x[:, :half]).clamp(max=1e2)
         ph = torch.sin(x[:, half:])
-        spec = torch.complex(mag * torch.cos(ph), mag * torch.sin(ph))
-        if self.graph_safe_istft:
-            audio = overlap_add_istft(spec, self.n_fft, self.hop, self.stft_window)
-        else:
-            audio = torch.istft(spec, self.n_fft, self.hop, self.n_fft, window=self.stft_window)
-        return audio.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)
+        return mag * torch.cos(ph), mag * torch.sin(ph)
 
     def forward(self, mel: torch.Tensor, rnd: SourceNoise) -> tuple[torch.Tensor, torch.Tensor]:
         """mel (B, n_mels, T) -> (audio (B, T*frame_samples), excitation (B, 1, T*frame_samples))."""
