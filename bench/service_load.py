@@ -61,6 +61,8 @@ from typing import Any
 
 import grpc
 
+from tts_client.health import wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SENTENCES = [
@@ -383,27 +385,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_healthy(target: str, proc: subprocess.Popen | None, timeout_s: float, what: str, log_path: Path | None = None) -> None:
-    """Block until ``target``'s gRPC health check says SERVING (raises if ``proc`` exits or time runs out)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc is not None and proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
-                raise RuntimeError(f"the {what} exited with code {proc.returncode} before it was healthy:\n{tail}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the {what} at {target} was not healthy after {timeout_s:.0f} s")
-            time.sleep(0.2)
 
 
 @dataclasses.dataclass

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tts_api.v1 import common_pb2, token_service_pb2, token_service_pb2_grpc

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tts_client.cli import describe
 from tts_client.client import make_config, synthesize
+from tts_client.health import wait_healthy
 
 DEMO_TEXT = "Hello! This is Chatterbox Turbo, speaking through two streaming services."
 READY_TIMEOUT_S = float(os.environ.get("DEMO_READY_TIMEOUT", "600"))
@@ -72,23 +72,6 @@ def start(module: str, env: dict, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_ready(name: str, target: str, proc: subprocess.Popen, log_path: Path, deadline: float) -> None:
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the {name} exited with code {proc.returncode}; its log ({log_path}):\n{tail}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the {name} was not ready after {READY_TIMEOUT_S:.0f} s (log: {log_path})")
-            time.sleep(0.5)
-
-
 def stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -126,8 +109,10 @@ def main() -> int:
         procs.append(start("vocoder_service", voc_env, logs / "vocoder-service.log"))
         procs.append(start("token_service", tok_env, logs / "token-service.log"))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        wait_ready("vocoder service", f"127.0.0.1:{vport}", procs[0], logs / "vocoder-service.log", deadline)
-        wait_ready("token service", f"127.0.0.1:{tport}", procs[1], logs / "token-service.log", deadline)
+        wait_healthy(f"127.0.0.1:{vport}", procs[0], deadline - time.monotonic(), "vocoder service",
+                     logs / "vocoder-service.log", interval_s=0.5)
+        wait_healthy(f"127.0.0.1:{tport}", procs[1], deadline - time.monotonic(), "token service",
+                     logs / "token-service.log", interval_s=0.5)
         say(f"both services healthy after {time.perf_counter() - t0:.1f} s (model loading included)")
         cap = f", at most {max_new} speech tokens per sentence (random weights never stop)" if max_new else ""
         say(f"synthesizing, text streamed a few words at a time{cap}:\n       {DEMO_TEXT!r}")
