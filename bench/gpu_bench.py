@@ -70,6 +70,19 @@ def section(name: str) -> Callable:
     return wrap
 
 
+def median_time(fn: Callable[[], Any], reps: int = 3) -> float:
+    """Median wall time of ``fn`` over ``reps`` runs after one warm-up run, device synchronised."""
+    ts = []
+    for rep in range(reps + 1):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if rep:
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def peak_reset() -> None:
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -145,15 +158,7 @@ def upstream(model_dir: Path, n_tokens: int) -> None:
     # S3Gen offline per utterance
     for n in (50, 150):
         tok = torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(n)).cuda()
-        ts = []
-        for rep in range(4):
-            sync()
-            t0 = time.perf_counter()
-            tts.s3gen.inference(speech_tokens=tok, ref_dict=tts.conds.gen, n_cfm_timesteps=2)
-            sync()
-            if rep:
-                ts.append(time.perf_counter() - t0)
-        r[f"s3gen_s_{n}tok"] = statistics.median(ts)
+        r[f"s3gen_s_{n}tok"] = median_time(lambda: tts.s3gen.inference(speech_tokens=tok, ref_dict=tts.conds.gen, n_cfm_timesteps=2))
     # end to end generate (T3 + S3Gen + watermark), seconds of audio per wall second
     e2e = []
     for rep, text in enumerate(TEXTS[:2] * 2):
@@ -340,15 +345,7 @@ def s3gen(model_dir: Path) -> None:
     r: dict[str, Any] = {}
     for n in (50, 150):
         tok = torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(n))
-        ts = []
-        for rep in range(4):
-            sync()
-            t0 = time.perf_counter()
-            model.synthesize(tok, voice, seed=0)
-            sync()
-            if rep:
-                ts.append(time.perf_counter() - t0)
-        r[f"s3gen_s_{n}tok_fp32"] = statistics.median(ts)
+        r[f"s3gen_s_{n}tok_fp32"] = median_time(lambda: model.synthesize(tok, voice, seed=0))
     # streaming: time of each push, first chunk included
     tok = torch.randint(0, 6561, (250,), generator=torch.Generator().manual_seed(7)).tolist()
     firsts, per_chunk = [], []
@@ -525,15 +522,7 @@ def s3gen_variants(model_dir: Path, voice) -> dict:
             # offline
             for n in (50, 150):
                 tok = torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(n))
-                ts = []
-                for rep in range(4):
-                    sync()
-                    t0 = time.perf_counter()
-                    model.synthesize(tok, v, seed=0)
-                    sync()
-                    if rep:
-                        ts.append(time.perf_counter() - t0)
-                r[f"offline_s_{n}tok"] = statistics.median(ts)
+                r[f"offline_s_{n}tok"] = median_time(lambda: model.synthesize(tok, v, seed=0))
             # streaming, batch 1 (rep 0 warms up / captures the graphs)
             firsts, later = [], []
             for rep in range(3):
