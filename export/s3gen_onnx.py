@@ -74,6 +74,13 @@ class F0Graph(nn.Module):
         return self.f0(mel)
 
 
+def _dft_angles(n_fft: int) -> torch.Tensor:
+    """(n_fft//2 + 1, n_fft) float64: 2π·k·n / n_fft for the one-sided DFT bins k and samples n."""
+    n = torch.arange(n_fft, dtype=torch.float64)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
+    return 2 * math.pi * k * n / n_fft
+
+
 class DFTSTFT(nn.Module):
     """``torch.stft(x, n_fft, hop, window, center=True, reflect pad, onesided)`` as a conv1d.
 
@@ -84,10 +91,7 @@ class DFTSTFT(nn.Module):
     def __init__(self, n_fft: int, hop: int, window: torch.Tensor):
         super().__init__()
         self.n_fft, self.hop = n_fft, hop
-        half = n_fft // 2 + 1
-        n = torch.arange(n_fft, dtype=torch.float64)
-        k = torch.arange(half, dtype=torch.float64)[:, None]
-        ang = 2 * math.pi * k * n / n_fft
+        ang = _dft_angles(n_fft)
         w = window.double()
         basis = torch.cat([torch.cos(ang) * w, -torch.sin(ang) * w])  # (2·half, n_fft)
         self.register_buffer("basis", basis.float()[:, None, :], persistent=False)
@@ -107,9 +111,7 @@ class DFTISTFT(nn.Module):
         super().__init__()
         self.n_fft, self.hop = n_fft, hop
         half = n_fft // 2 + 1
-        n = torch.arange(n_fft, dtype=torch.float64)
-        k = torch.arange(half, dtype=torch.float64)[:, None]
-        ang = 2 * math.pi * k * n / n_fft
+        ang = _dft_angles(n_fft)
         c = torch.full((half, 1), 2.0, dtype=torch.float64)
         c[0] = 1.0
         c[-1] = 1.0 if n_fft % 2 == 0 else 2.0
