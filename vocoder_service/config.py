@@ -26,6 +26,9 @@ class VocoderServiceConfig:
                          choices=VOCODER_DTYPES)
     cuda_graphs: bool = setting(False, "S3Gen streaming steps through CUDA graphs, one per chunk shape (CUDA only)")
     max_streams: int = setting(128, "concurrent Vocode sessions; more get RESOURCE_EXHAUSTED")
+    max_batch: int = setting(64, "most sessions stepped together on the device")
+    graph_batch: int = setting(32, "largest batch captured as one CUDA graph (1, 2, 4, 8, 16, 32 or 64); larger "
+                                   "batches replay it in slices. Sets the graph memory pool (cuda_graphs only)")
     drain_seconds: float = setting(20.0, "on SIGTERM: seconds in-flight streams may take to finish")
     log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
     log_format: str = setting("json", "log format", choices=LOG_FORMATS)
@@ -38,5 +41,5 @@ class VocoderServiceConfig:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)} (--log-level / TTS_LOG_LEVEL)")
         if self.engine in ("onnxruntime", "tensorrt") and not self.engine_dir:
             raise ConfigError(f"engine={self.engine} needs --engine-dir / TTS_ENGINE_DIR")
-        check_positive(self, "max_streams", "max_message_bytes")
+        check_positive(self, "max_streams", "max_batch", "max_message_bytes")
         check_positive(self, "drain_seconds", allow_zero=True)

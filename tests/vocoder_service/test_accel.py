@@ -168,3 +168,10 @@ def test_load_engine_rejects_bad_settings(demo_tiny_dir):
 
     with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device"):
         load_engine(_cfg(demo_tiny_dir, cuda_graphs=True))
+
+
+def test_graph_batch_must_be_a_bucket(tiny_model):
+    from vocoder_service.s3gen.accel import prepare_s3gen
+
+    with pytest.raises(ValueError, match="graph_batch"):
+        prepare_s3gen(tiny_model, graph_batch=3)

@@ -85,3 +85,24 @@ def test_warm_up_captures_every_schedule_shape(tiny_model, tiny_voice):
     after = graphed.graphs.stats()
     assert after["flow"]["captures"] == before["flow"]["captures"], (before, after)
     assert after["flow"]["replays"] > before["flow"]["replays"]
+
+
+def test_batch_above_largest_bucket_runs_in_slices(tiny_model, tiny_voice):
+    from vocoder_service.s3gen.accel import S3GenGraphs
+
+    graphed = _on_cuda(tiny_model, cuda_graphs=True)
+    graphed.graphs = S3GenGraphs(graphed, batch_buckets=(1, 2))  # largest graph: batch 2
+    g = torch.Generator().manual_seed(5)
+    toks = [torch.randint(0, tiny_model.cfg.vocab_size, (30,), generator=g).tolist() for _ in range(5)]
+    solo = [_stream(graphed, tiny_voice, t, seed=i, step=10) for i, t in enumerate(toks)]
+    sessions = [StreamingSession(graphed, tiny_voice, seed=i) for i in range(5)]  # 5 rows: slices 2 + 2 + 1
+    outs = [[] for _ in sessions]
+    for i in range(0, 30, 10):
+        for o, a in zip(outs, push_batch(sessions, [t[i:i + 10] for t in toks])):
+            o.append(a)
+    for o, s in zip(outs, sessions):
+        o.append(s.finish())
+    stats = graphed.graphs.stats()
+    assert stats["flow"]["eager_shapes"] == 0 and stats["flow"]["graphs"] >= 2, stats
+    for o, ref in zip(outs, solo):
+        assert rel(torch.cat(o), ref) <= 2e-3

@@ -88,3 +88,86 @@ def test_batched_step_and_cancel_and_close():
     assert 3 in batches
     assert engine.stats()["active_sessions"] == 0
     engine.shutdown()
+
+
+def test_finishes_batch_and_max_batch_caps_a_step():
+    log, finish_calls, push_calls = [], [], []
+    gate = threading.Event()
+
+    def step_batch(backends, token_lists):
+        push_calls.append(len(backends))
+        return [b.push(t) for b, t in zip(backends, token_lists)]
+
+    def finish_batch(backends):
+        finish_calls.append(sorted(b.seed for b in backends))
+        return [np.full(5, b.seed, np.float32) for b in backends]
+
+    class Ending(Backend):
+        def finish(self):  # a finish that runs alone (a batch of one) goes through the backend itself
+            return np.full(5, self.seed, np.float32)
+
+    def open_backend(v, s):
+        gate.wait(5)
+        return Ending(v, s, log)
+
+    engine = VocoderEngine(open_backend, ["default"], step_batch=step_batch, finish_batch=finish_batch, max_batch=2)
+
+    async def main():
+        sessions = [engine.open_session("default", seed=i) for i in range(3)]
+        pushes = [asyncio.ensure_future(s.push([1])) for s in sessions]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*pushes)
+        ends = await asyncio.gather(*(s.finish() for s in sessions))
+        for s in sessions:
+            s.close()
+        return ends
+
+    ends = asyncio.run(main())
+    assert [e.tolist() for e in ends] == [[i] * 5 for i in range(3)]  # each session got its own audio
+    assert max(push_calls) == 2  # a step takes at most max_batch calls (3 pushes were waiting)
+    assert [2] == [len(c) for c in finish_calls if len(c) > 1]  # two finishes ran as one batch (cap 2)
+    assert engine.stats()["active_sessions"] == 0
+    with pytest.raises(ValueError, match="max_batch"):
+        VocoderEngine(open_backend, ["default"], max_batch=0)
+    engine.shutdown()
+
+
+def test_pushes_below_tokens_needed_stay_with_the_session():
+    log = []
+
+    class Chunky(Backend):
+        """Audio only in whole chunks of 4 tokens; says how many more it needs."""
+
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.pending = 0
+
+        def push(self, ids):
+            self.log.append((self.seed, list(ids)))
+            self.pending += len(ids)
+            done, self.pending = self.pending // 4 * 4, self.pending % 4
+            return np.full(960 * done, self.seed, np.float32)
+
+        def finish(self):
+            done, self.pending = self.pending, 0
+            return np.full(960 * done, self.seed, np.float32)
+
+        def tokens_needed(self):
+            return 4 - self.pending
+
+    engine = VocoderEngine(lambda v, s: Chunky(v, s, log), ["default"])
+
+    async def main():
+        s = engine.open_session("default", seed=1)
+        outs = [await s.push([t]) for t in range(10)]
+        outs.append(await s.finish())
+        s.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert sum(o.size for o in outs) == 10 * 960  # every token's audio, none lost or doubled
+    assert [len(ids) for _, ids in log] == [1, 3, 4, 2]  # first push (need unknown), then whole chunks, rest at finish
+    assert [t for _, ids in log for t in ids] == list(range(10))  # in order
+    assert engine.stats()["steps"] == 5  # 4 pushes + finish, not 10 pushes
+    engine.shutdown()

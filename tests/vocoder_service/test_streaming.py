@@ -17,7 +17,7 @@ import torch
 
 from tests.vocoder_service.helpers import boundary_jumps, log_mel_distance
 from vocoder_service.s3gen.streaming import (SessionClosed, SessionFinished, StreamConfig, StreamingSession,
-                                             new_state, push_batch, stream_step)
+                                             finish_batch, new_state, push_batch, stream_step)
 
 T = 250
 SEED = 11
@@ -172,3 +172,23 @@ def test_push_batch_equals_solo_pushes(tiny_model, tiny_voice, tokens):
     with pytest.raises(ValueError, match="session 1"):
         push_batch(fresh, [[1, 2], [7000]])
     assert fresh[0].n_tokens == 0  # nothing was taken when one list was bad
+
+
+def test_finish_batch_equals_solo_finishes(tiny_model, tiny_voice, tokens):
+    # two streams end with the same remaining tokens (one batched final step), one with another count
+    rows = [tokens[:61], tokens[61:122], tokens[122:185]]
+    solo = [stream(tiny_model, tiny_voice, r, [61, 2], seed=i)[0] for i, r in enumerate(rows)]
+    sessions = [StreamingSession(tiny_model, tiny_voice, seed=i) for i in range(3)]
+    first = push_batch(sessions, [r[:61] for r in rows])
+    last = push_batch([sessions[2]], [rows[2][61:]])[0]
+    pending = [s._pending_tokens for s in sessions]
+    assert pending[0] == pending[1] != pending[2]  # two final-step shapes: one batch of 2, one of 1
+    ends = finish_batch(sessions)
+    got = [torch.cat([first[0], ends[0]]), torch.cat([first[1], ends[1]]), torch.cat([first[2], last, ends[2]])]
+    for g, w in zip(got, solo):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SessionFinished):
+        finish_batch([sessions[0]])
+    with pytest.raises(ValueError, match="twice"):
+        fresh = StreamingSession(tiny_model, tiny_voice)
+        finish_batch([fresh, fresh])

@@ -10,10 +10,11 @@ The S3Gen streaming session (``vocoder_service.s3gen.streaming.StreamingSession`
     session.close()                         # idempotent, frees the slot at once
 
 Scheduling: calls from all sessions go to one queue. A scheduler task takes everything pending (at
-most one call per session, so each session's calls run in the order they were made) and runs it on a
-single worker thread (torch's intra-op threads do the parallel work). When the backend offers a
-batched step (``step_batch(sessions, token_lists) -> list[audio]``) the pending pushes of several
-sessions run as one batch; otherwise they run one after another. A caller that is cancelled while its
+most one call per session, so each session's calls run in the order they were made; at most
+``max_batch`` calls) and runs it on a single worker thread (torch's intra-op threads do the
+parallel work). When the backend offers batched steps (``step_batch(sessions, token_lists) ->
+list[audio]``, ``finish_batch(sessions) -> list[audio]``) the pending pushes, and the pending
+finishes, of several sessions each run as one batch; otherwise they run one after another. A caller that is cancelled while its
 call waits is simply dropped; ``close()`` marks the session closed at once and the backend session is
 released on the worker thread after any step it is in.
 
@@ -49,7 +50,12 @@ class SessionClosedError(RuntimeError):
 
 
 class BackendSession(Protocol):
-    """What the engine needs from a synchronous streaming session."""
+    """What the engine needs from a synchronous streaming session.
+
+    Optional: ``tokens_needed() -> int``, how many more tokens ``push`` needs before it can return
+    any audio. With it, a session keeps smaller pushes to itself (no trip to the worker thread)
+    until that many tokens are there: the result is the same, the engine sees far fewer calls.
+    """
 
     def push(self, token_ids: Sequence[int]) -> np.ndarray: ...
 
@@ -60,6 +66,7 @@ class BackendSession(Protocol):
 
 OpenBackend = Callable[[str, "int | None"], BackendSession]
 StepBatch = Callable[[list[BackendSession], list[list[int]]], list[np.ndarray]]
+FinishBatch = Callable[[list[BackendSession]], list[np.ndarray]]
 
 
 @dataclass
@@ -78,7 +85,8 @@ class VocoderEngine:
             first call (so opening costs nothing on the event loop).
         voices: names of the loaded voices; the first is the default.
         step_batch: optional batched push over several backend sessions.
-        max_batch: most sessions stepped together.
+        finish_batch: optional batched finish over several backend sessions.
+        max_batch: most calls (sessions) taken into one step.
     """
 
     def __init__(
@@ -87,13 +95,17 @@ class VocoderEngine:
         voices: Sequence[str],
         *,
         step_batch: StepBatch | None = None,
-        max_batch: int = 16,
+        finish_batch: FinishBatch | None = None,
+        max_batch: int = 64,
     ):
         if not voices:
             raise ValueError("a vocoder engine needs at least one voice")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._open_backend = open_backend
         self._voices = list(voices)
         self._step_batch = step_batch
+        self._finish_batch = finish_batch
         self._max_batch = max_batch
         self._pending: list[_Call] = []
         self._wake: asyncio.Event | None = None
@@ -196,9 +208,9 @@ class VocoderEngine:
                         call.future.set_result(result)
 
     def _run_step(self, batch: list[_Call]) -> list[Any]:
-        """Worker thread: run one call per session; pushes batched when the backend can."""
+        """Worker thread: run one call per session; pushes (and finishes) batched when the backend can."""
         results: list[Any] = [None] * len(batch)
-        pushes = []
+        pushes, finishes = [], []
         for i, call in enumerate(batch):
             s = call.session
             if call.op == "close":
@@ -212,26 +224,43 @@ class VocoderEngine:
                     continue
             if call.op == "push" and self._step_batch is not None:
                 pushes.append(i)
-                continue
-            results[i] = self._run_one(call)
-        if len(pushes) == 1:
-            results[pushes[0]] = self._run_one(batch[pushes[0]])
-        elif pushes:
-            try:
-                audios = self._step_batch([batch[i].session._backend for i in pushes], [batch[i].tokens for i in pushes])
-                for i, audio in zip(pushes, audios):
-                    results[i] = np.asarray(audio, dtype=np.float32).reshape(-1)
-                with self._lock:
-                    self._steps += 1
-                    self._batched_steps += 1
-                    self._tokens += sum(len(batch[i].tokens) for i in pushes)
-            except Exception as exc:
-                for i in pushes:
-                    results[i] = exc
-        for call in batch:  # a session closed while its call ran: release it now
-            if call.session._closed and call.op != "close":
-                call.session._release_backend()
+            elif call.op == "finish" and self._finish_batch is not None:
+                finishes.append(i)
+            else:
+                results[i] = self._run_one(call)
+        if pushes:
+            self._run_batched(batch, pushes, results,
+                              lambda bs: self._step_batch(bs, [batch[i].tokens for i in pushes]))
+        if finishes:
+            self._run_batched(batch, finishes, results, self._finish_batch)
+        for call in batch:
+            s = call.session
+            if s._closed and call.op != "close":  # closed while its call ran: release it now
+                s._release_backend()
+            elif s._backend is not None and hasattr(s._backend, "tokens_needed"):
+                try:
+                    s._need = int(s._backend.tokens_needed())
+                except Exception:  # noqa: BLE001 - a backend that cannot tell gets every push
+                    s._need = 0
         return results
+
+    def _run_batched(self, batch: list[_Call], idx: list[int], results: list[Any],
+                     run: Callable[[list[BackendSession]], list[np.ndarray]]) -> None:
+        if len(idx) == 1:
+            results[idx[0]] = self._run_one(batch[idx[0]])
+            return
+        try:
+            audios = run([batch[i].session._backend for i in idx])
+        except Exception as exc:  # the batch failed as a whole: every call in it fails
+            for i in idx:
+                results[i] = exc
+            return
+        for i, audio in zip(idx, audios):
+            results[i] = np.asarray(audio, dtype=np.float32).reshape(-1)
+        with self._lock:
+            self._steps += 1
+            self._batched_steps += 1
+            self._tokens += sum(len(batch[i].tokens) for i in idx)
 
     def _run_one(self, call: _Call) -> Any:
         backend = call.session._backend
@@ -256,6 +285,8 @@ class VocoderSession:
         self._closed = False
         self._finished = False
         self._order = asyncio.Lock()
+        self._held: list[int] = []  # tokens kept back: fewer than the backend needs for audio
+        self._need = 0  # the backend's tokens_needed() after its last call (0: unknown, push all)
 
     @property
     def closed(self) -> bool:
@@ -267,13 +298,25 @@ class VocoderSession:
         bad = [t for t in ids if not 0 <= t < SPEECH_VOCAB_SIZE]
         if bad:
             raise ValueError(f"speech token id {bad[0]} out of range [0, {SPEECH_VOCAB_SIZE})")
-        return await self._call("push", ids)
+        async with self._order:
+            self._check_usable()
+            self._held.extend(ids)
+            if len(self._held) < max(self._need, 1):
+                return np.zeros(0, np.float32)  # no audio before the backend has what it needs
+            ids, self._held = self._held, []
+            return await self.engine._submit(_Call(self, "push", ids))
 
     async def finish(self) -> np.ndarray:
         """End of tokens: the rest of the audio, float32 (N,)."""
-        out = await self._call("finish", [])
-        self._finished = True
-        return out
+        async with self._order:
+            self._check_usable()
+            head = np.zeros(0, np.float32)
+            if self._held:
+                ids, self._held = self._held, []
+                head = await self.engine._submit(_Call(self, "push", ids))
+            out = await self.engine._submit(_Call(self, "finish", []))
+            self._finished = True
+            return np.concatenate([head, out]) if head.size else out
 
     def close(self) -> None:
         """Free the session (idempotent). Safe to call from any point, also while a call runs."""
@@ -286,13 +329,11 @@ class VocoderSession:
         except RuntimeError:  # no running loop (interpreter exit): release here
             self._release_backend()
 
-    async def _call(self, op: str, ids: list[int]) -> np.ndarray:
-        async with self._order:
-            if self._closed:
-                raise SessionClosedError("vocoder session is closed")
-            if self._finished:
-                raise SessionClosedError("vocoder session already finished")
-            return await self.engine._submit(_Call(self, op, ids))
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise SessionClosedError("vocoder session is closed")
+        if self._finished:
+            raise SessionClosedError("vocoder session already finished")
 
     def _release_backend(self) -> None:
         backend, self._backend = self._backend, None

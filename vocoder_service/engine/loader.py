@@ -21,7 +21,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True) -> VocoderEngine:
+def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True, max_batch: int = 64) -> VocoderEngine:
     """A VocoderEngine over ``StreamingSession``s of ``model`` (an S3GenModel) for ``voices`` (name -> VoiceCond).
 
     The voice named ``default`` (the model folder's conds.pt) comes first. A session without a seed
@@ -35,7 +35,8 @@ def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True) 
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         return _TorchSession(StreamingSession(model, voices[voice], seed=seed, config=stream_config))
 
-    return VocoderEngine(open_backend, names, step_batch=step_batch_s3gen() if batched else None)
+    return VocoderEngine(open_backend, names, step_batch=step_batch_s3gen() if batched else None,
+                         finish_batch=finish_batch_s3gen() if batched else None, max_batch=max_batch)
 
 
 def step_batch_s3gen():
@@ -58,6 +59,19 @@ def step_batch_s3gen():
     return step
 
 
+def finish_batch_s3gen():
+    """``vocoder_service.s3gen.streaming.finish_batch`` adapted to the engine (final steps of equal
+    remaining length run as one ``stream_step``)."""
+    from vocoder_service.s3gen.streaming import finish_batch
+
+    def finish(backends: list) -> list[np.ndarray]:
+        with torch.inference_mode():
+            outs = finish_batch([b.session for b in backends])
+        return [o.float().cpu().numpy() for o in outs]
+
+    return finish
+
+
 class _TorchSession:
     """Adapts StreamingSession (torch tensors, grad off) to the engine's numpy backend protocol."""
 
@@ -71,6 +85,9 @@ class _TorchSession:
     def finish(self):
         with torch.inference_mode():
             return self.session.finish().float().cpu().numpy()
+
+    def tokens_needed(self) -> int:
+        return self.session.tokens_needed()
 
     def close(self):
         self.session.close()
@@ -105,15 +122,21 @@ def load_engine(cfg) -> VocoderEngine:
     if graphs and device.type != "cuda":
         raise ConfigError(f"cuda_graphs needs a CUDA device, the vocoder runs on {device} (--cuda-graphs / TTS_CUDA_GRAPHS)")
     model, voices = load_vocoder(cfg.model_dir, cfg.voices_dir, device=device)
-    prepare_s3gen(model, dtype=dtype, cuda_graphs=graphs)
-    engine = s3gen_engine(model, voices)
+    graph_batch = int(getattr(cfg, "graph_batch", 32))
+    try:
+        prepare_s3gen(model, dtype=dtype, cuda_graphs=graphs, graph_batch=graph_batch)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (--graph-batch / TTS_GRAPH_BATCH)") from None
+    engine = s3gen_engine(model, voices, max_batch=int(getattr(cfg, "max_batch", 64)))
     if graphs:  # capture the chunk shapes of the default voice now, not on the first streams
-        from vocoder_service.s3gen.accel import BATCH_BUCKETS, warm_up_streaming
+        from vocoder_service.s3gen.accel import warm_up_streaming
 
         t0 = time.perf_counter()
-        warm_up_streaming(model, voices[engine.default_voice], batch_sizes=tuple(b for b in BATCH_BUCKETS if b <= 16))
+        warm_up_streaming(model, voices[engine.default_voice], batch_sizes=model.graphs.flow.batch_buckets)
+        torch.cuda.empty_cache()  # the warm-up runs' blocks; the graphs keep their own pool
         log.info("vocoder CUDA graphs captured", extra={"seconds": round(time.perf_counter() - t0, 1),
-                                                         "graphs": model.graphs.stats()})
+                                                         "graphs": model.graphs.stats(),
+                                                         "gpu_reserved_GB": round(torch.cuda.memory_reserved() / 1e9, 2)})
     log.info("vocoder engine ready", extra={"engine": "pytorch", "device": str(device), "voices": engine.voices(),
                                             "dtype": str(parse_dtype(dtype)), "cuda_graphs": graphs})
     return engine

@@ -2,7 +2,8 @@
 from .accel import prepare_s3gen, warm_up_streaming
 from .config import S3GenConfig
 from .model import S3GenModel, VoiceCond
-from .streaming import SessionClosed, SessionFinished, StreamConfig, StreamingSession, push_batch, stream_step
+from .streaming import (SessionClosed, SessionFinished, StreamConfig, StreamingSession, finish_batch, push_batch,
+                        stream_step)
 
 __all__ = ["S3GenConfig", "S3GenModel", "VoiceCond", "StreamConfig", "StreamingSession", "SessionClosed",
-           "SessionFinished", "stream_step", "push_batch", "prepare_s3gen", "warm_up_streaming"]
+           "SessionFinished", "stream_step", "push_batch", "finish_batch", "prepare_s3gen", "warm_up_streaming"]

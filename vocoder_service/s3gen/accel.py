@@ -57,19 +57,20 @@ class CudaGraphCache:
 
     The signature is the tensors' (shape, dtype, device) plus the constant keyword arguments.
     Outputs (a tensor or a tuple of tensors) are cloned after each replay, so callers own them.
-    All graphs share one memory pool (they are replayed one at a time, on one stream). A shape
+    Graphs share one memory pool and warm-up stream (``GraphMemory``; with the other caches of the
+    model too). Batches larger than the largest bucket run in slices of it. A shape
     whose capture fails runs eagerly from then on (logged once); past ``max_graphs`` signatures
     new ones also run eagerly. Thread-unsafe by design: one worker thread drives the model.
     """
 
     def __init__(self, fn: Callable[..., Any], name: str, max_graphs: int = 64, warmup: int = 2,
-                 batch_buckets: tuple[int, ...] = ()):
+                 batch_buckets: tuple[int, ...] = (), shared: "GraphMemory | None" = None):
         self.fn, self.name, self.max_graphs, self.warmup = fn, name, max_graphs, warmup
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]] = {}
         self.eager: set[tuple] = set()
         self.errors: list[str] = []  # the first capture failures, for logs / the bench
-        self.pool = None
+        self.shared = shared or GraphMemory()
         self.captures = self.replays = 0
 
     def _key(self, args: tuple[torch.Tensor, ...], consts: dict) -> tuple:
@@ -81,9 +82,13 @@ class CudaGraphCache:
         if self.batch_buckets:
             # pad dim 0 (rows are independent) to the next bucket: a few graphs serve every batch size
             B = args[0].size(0)
-            Bp = next((b for b in self.batch_buckets if b >= B), None)
-            if Bp is None:
-                return self.fn(*args, **consts)
+            top = self.batch_buckets[-1]
+            if B > top:  # larger than the largest graph: run it in slices of that size
+                parts = [self(*(a[i:i + top] for a in args), **consts) for i in range(0, B, top)]
+                if isinstance(parts[0], torch.Tensor):
+                    return torch.cat(parts)
+                return tuple(torch.cat(p) for p in zip(*parts))
+            Bp = next(b for b in self.batch_buckets if b >= B)
             if Bp > B:
                 args = tuple(torch.cat([a, a[:1].expand(Bp - B, *a.shape[1:])]) for a in args)
                 out = self._call(args, consts)
@@ -111,16 +116,14 @@ class CudaGraphCache:
     def _capture(self, key: tuple, args: tuple[torch.Tensor, ...], consts: dict):
         static_in = [a.clone() for a in args]
         try:
-            side = torch.cuda.Stream(device=args[0].device)
+            side = self.shared.side_stream(args[0].device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: kernels chosen, caches (position tables) filled
                 for _ in range(self.warmup):
                     self.fn(*static_in, **consts)
             torch.cuda.current_stream().wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.shared.pool()):
                 static_out = self.fn(*static_in, **consts)
         except Exception as exc:  # noqa: BLE001 - any capture failure: run this shape eagerly
             log.warning("CUDA graph capture of %s for %s failed (%s: %s); running it eagerly",
@@ -143,14 +146,38 @@ class CudaGraphCache:
                 "replays": self.replays, "capture_errors": list(self.errors)}
 
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # streaming batches are padded up to one of these (larger: eager)
+class GraphMemory:
+    """What every graph cache of one model shares: one memory pool and one warm-up stream.
+
+    One pool: the graphs replay one at a time on one stream, so a capture may reuse the memory
+    the previous captures freed (the pool grows to the largest working set, plus the static
+    outputs). One warm-up stream: blocks the caching allocator keeps for a stream are reused only
+    on that stream, so a new side stream per capture would strand every warm-up's memory.
+    """
+
+    def __init__(self):
+        self._pool = None
+        self._stream: torch.cuda.Stream | None = None
+
+    def pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def side_stream(self, device) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        return self._stream
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # streaming batches are padded up to one of these (larger: sliced)
 
 
 class S3GenGraphs:
     """The graphed callables ``stream_step`` uses (attribute ``model.graphs``)."""
 
     def __init__(self, model, max_graphs: int = 64, batch_buckets: tuple[int, ...] = BATCH_BUCKETS):
-        kw = dict(max_graphs=max_graphs, batch_buckets=batch_buckets)
+        kw = dict(max_graphs=max_graphs, batch_buckets=batch_buckets, shared=GraphMemory())
         self.flow = CudaGraphCache(model.flow, "flow", **kw)
         self.f0 = CudaGraphCache(model.mel2wav.f0_at_samples, "hift.f0", **kw)
         self.decode = CudaGraphCache(model.mel2wav.decode, "hift.decode", **kw)
@@ -191,11 +218,18 @@ def warm_up_streaming(model, voice, config=None, batch_sizes: tuple[int, ...] = 
             s.close()
 
 
-def prepare_s3gen(model, dtype: str | torch.dtype = "auto", cuda_graphs: bool = False, max_graphs: int = 64):
+def prepare_s3gen(model, dtype: str | torch.dtype = "auto", cuda_graphs: bool = False, max_graphs: int = 64,
+                  graph_batch: int = 32):
     """Make a loaded ``S3GenModel`` ready for serving, in place (see the module docstring).
 
-    Raises ``ValueError`` for an unknown dtype, or ``cuda_graphs`` on a model not on a CUDA device.
+    ``graph_batch``: the largest batch bucket captured as one graph (one of ``BATCH_BUCKETS``);
+    larger batches replay it in slices. Its working set sizes the graph memory pool (the encoder's
+    relative-position scores grow with batch × window²), while rows per second barely change
+    beyond 16–32 rows.
+    Raises ``ValueError`` for an unknown dtype or graph batch, or ``cuda_graphs`` on a model not on a CUDA device.
     """
+    if graph_batch not in BATCH_BUCKETS:
+        raise ValueError(f"graph_batch must be one of {BATCH_BUCKETS}, got {graph_batch}")
     dt = parse_dtype(dtype)
     if cuda_graphs and model.device.type != "cuda":
         raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {model.device}")
@@ -205,5 +239,6 @@ def prepare_s3gen(model, dtype: str | torch.dtype = "auto", cuda_graphs: bool = 
     # torch.istft reads its window envelope on the host: not capturable; the graphed path uses
     # the device-only overlap-add inverse (equal to rounding; tests/vocoder_service/test_accel.py)
     model.mel2wav.graph_safe_istft = bool(cuda_graphs)
-    model.graphs = S3GenGraphs(model, max_graphs) if cuda_graphs else None
+    buckets = tuple(b for b in BATCH_BUCKETS if b <= graph_batch)
+    model.graphs = S3GenGraphs(model, max_graphs, buckets) if cuda_graphs else None
     return model

@@ -151,12 +151,12 @@ class S3GenModel(nn.Module):
     def mel_noise(self, voice: VoiceCond, n_tokens: int, seed: int) -> torch.Tensor:
         """Positional flow noise for prompt + tokens: (1, n_mels, ratio*(Tp+T))."""
         n = self.cfg.token_mel_ratio * (voice.n_prompt_tokens + n_tokens)
-        return PositionalNoise(seed, self.cfg.n_mels).mel(0, n).unsqueeze(0).to(self.device)
+        return PositionalNoise(seed, self.cfg.n_mels).mel(0, n, device=self.device).unsqueeze(0)
 
     def source_noise(self, n_samples: int, seed: int) -> SourceNoise:
         pn = PositionalNoise(seed, self.cfg.n_mels, self.cfg.hift_harmonics + 1)
-        return SourceNoise(pn.source_phase().unsqueeze(0).to(self.device),
-                           pn.source_noise(0, n_samples).unsqueeze(0).to(self.device))
+        return SourceNoise(pn.source_phase(self.device).unsqueeze(0),
+                           pn.source_noise(0, n_samples, device=self.device).unsqueeze(0))
 
     @torch.inference_mode()
     def tokens_to_mel(self, tokens: Any, voice: VoiceCond, noise: torch.Tensor | None = None,

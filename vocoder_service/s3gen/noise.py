@@ -1,53 +1,91 @@
-"""Reproducible noise addressed by absolute position, so a chunked (streaming) run draws exactly the
-same numbers for a frame / sample as an offline run of the same seed.
+"""Reproducible noise addressed by absolute position, computed where it is used (CPU or GPU).
 
-Noise is generated in fixed blocks; block ``k`` of a stream comes from its own
-``torch.Generator`` seeded from (seed, stream, k).  Any span is assembled from whole blocks, so
-the numbers do not depend on how the span is cut into chunks.
+A streaming run must draw exactly the numbers an offline run of the same seed draws for a mel
+frame or an audio sample, however the stream is cut into chunks, and a batched step must draw
+every row's noise at once. So each value is a pure function of (seed, stream, row, position):
+a counter-based hash (32-bit "lowbias32" mixes on int64 tensors) gives two uniforms, and
+Box-Muller turns them into one standard normal. No generator state, no host work: a batch of
+streams at different positions is one set of elementwise kernels on the device.
+
+Streams: 1 = flow (initial mel state, ``n_mels`` rows per frame), 2 = harmonic-source noise
+(``harmonics`` rows per sample), 3 = the source's start phases. The numbers are the same on every
+device up to float32 rounding of ``log`` / ``cos`` / ``sqrt`` (bit-equal between runs on one device).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import Tensor
 
-_MEL_BLOCK = 64        # mel frames per block
-_SAMPLE_BLOCK = 9600   # audio samples per block
-_MIX = 0x9E3779B97F4A7C15
-
-
-def _gen(seed: int, stream: int, block: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + stream * 7919 + block * 104_729 + _MIX) % (2**63 - 1))
-    return g
+_MASK32 = 0xFFFFFFFF
+MEL_STREAM, SOURCE_STREAM, PHASE_STREAM = 1, 2, 3
 
 
-def _span(seed: int, stream: int, start: int, end: int, block: int, rows: int) -> torch.Tensor:
-    """(rows, end-start) standard normal values for positions [start, end)."""
-    if end <= start:
-        return torch.zeros(rows, 0)
-    first, last = start // block, (end - 1) // block
-    parts = [torch.randn(block, rows, generator=_gen(seed, stream, b)).T for b in range(first, last + 1)]
-    full = torch.cat(parts, dim=1)
-    off = first * block
-    return full[:, start - off:end - off].contiguous()
+def _hash32(x: Tensor) -> Tensor:
+    """lowbias32 on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def stream_keys(seeds: Tensor, stream: int) -> Tensor:
+    """(B,) int64 seeds (any non-negative int64) -> (B,) 32-bit keys of one noise stream."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    return _hash32(_hash32(lo ^ 0x9E3779B9) ^ _hash32(hi ^ (stream * 0x85EBCA6B & _MASK32)))
+
+
+def _unit(bits: Tensor) -> Tensor:
+    """32-bit hashes -> float32 strictly inside (0, 1) (top 23 bits, centred)."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def hashed_normal(keys: Tensor, start: Tensor, length: int, rows: int) -> Tensor:
+    """Standard normals ``(B, rows, length)``: row ``b`` holds positions ``start[b] .. start[b]+length-1``.
+
+    keys: (B,) from :func:`stream_keys`; start: (B,) int64 absolute positions (same device).
+    Value (b, r, i) depends only on (keys[b], r, start[b] + i).
+    """
+    dev = keys.device
+    pos = start.view(-1, 1, 1) + torch.arange(length, device=dev, dtype=torch.int64).view(1, 1, -1)
+    counter = pos * rows + torch.arange(rows, device=dev, dtype=torch.int64).view(1, -1, 1)  # < 2**40
+    k = keys.view(-1, 1, 1)
+    a = _hash32(_hash32((counter & _MASK32) ^ k) ^ (counter >> 32))
+    b = _hash32(a ^ 0x68E31DA4)
+    return torch.sqrt(-2.0 * torch.log(_unit(a))) * torch.cos((2.0 * math.pi) * _unit(b))
+
+
+def hashed_uniform_rows(keys: Tensor, rows: int) -> Tensor:
+    """Uniforms in (0, 1): ``(B, rows)`` (position 0 of each row)."""
+    counter = torch.arange(rows, device=keys.device, dtype=torch.int64).view(1, -1)
+    return _unit(_hash32(_hash32(counter ^ keys.view(-1, 1))))
 
 
 class PositionalNoise:
-    """Noise of one utterance / stream, keyed by ``seed``."""
+    """Noise of one utterance / stream, keyed by ``seed`` (a non-negative int < 2**63)."""
 
     def __init__(self, seed: int, n_mels: int = 80, harmonics: int = 9):
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"noise seed must be in [0, 2**63), got {seed}")
         self.seed, self.n_mels, self.harmonics = int(seed), n_mels, harmonics
 
-    def mel(self, start: int, end: int) -> torch.Tensor:
+    def _keys(self, stream: int, device) -> Tensor:
+        return stream_keys(torch.tensor([self.seed], dtype=torch.int64, device=device), stream)
+
+    def mel(self, start: int, end: int, device="cpu") -> Tensor:
         """Initial flow state for mel frames [start, end) (frame 0 = first prompt frame): (n_mels, n)."""
-        return _span(self.seed, 1, start, end, _MEL_BLOCK, self.n_mels)
+        n = max(0, end - start)
+        return hashed_normal(self._keys(MEL_STREAM, device), torch.tensor([start], device=device), n, self.n_mels)[0]
 
-    def source_noise(self, start: int, end: int) -> torch.Tensor:
+    def source_noise(self, start: int, end: int, device="cpu") -> Tensor:
         """Per-sample source noise for audio samples [start, end): (harmonics, n)."""
-        return _span(self.seed, 2, start, end, _SAMPLE_BLOCK, self.harmonics)
+        n = max(0, end - start)
+        return hashed_normal(self._keys(SOURCE_STREAM, device), torch.tensor([start], device=device), n,
+                             self.harmonics)[0]
 
-    def source_phase(self) -> torch.Tensor:
+    def source_phase(self, device="cpu") -> Tensor:
         """Start phase per harmonic in [-pi, pi): (harmonics, 1)."""
-        g = _gen(self.seed, 3, 0)
-        return torch.rand(self.harmonics, 1, generator=g) * (2 * math.pi) - math.pi
+        u = hashed_uniform_rows(self._keys(PHASE_STREAM, device), self.harmonics)[0]
+        return (u * (2 * math.pi) - math.pi).view(-1, 1)

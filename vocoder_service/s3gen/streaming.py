@@ -13,7 +13,8 @@ Bad input raises ``ValueError`` / ``TypeError`` naming the problem; the session 
 
 Batched: ``push_batch(sessions, token_lists) -> list[audio]`` equals ``[s.push(t) ...]`` but runs
 the ready steps of equally shaped sessions as one ``stream_step`` (``push`` is ``push_batch`` of
-one). ``finish`` runs alone (its last chunk has a stream-specific size).
+one); ``finish_batch(sessions)`` does the same for ``finish`` (final steps of equal remaining
+length batch together).
 
 Design (docs/ARCHITECTURE.md, "Vocoder streaming", has the measured numbers):
 
@@ -49,7 +50,7 @@ import torch
 from .accel import decode_fn, f0_fn, flow_fn
 from .hift import SourceNoise
 from .model import S3GenModel, VoiceCond, check_tokens, trim_fade
-from .noise import PositionalNoise
+from .noise import MEL_STREAM, SOURCE_STREAM, PositionalNoise, hashed_normal, stream_keys
 
 
 class SessionClosed(RuntimeError):
@@ -110,7 +111,7 @@ def new_state(model: S3GenModel, voice: VoiceCond, seed: int) -> StreamState:
     with torch.inference_mode():
         spk = model.flow.speaker(voice.embedding)
     n_mels, dev = cfg.n_mels, model.device
-    return StreamState(voice=voice, noise=noise, spk=spk, phase=noise.source_phase().to(dev),
+    return StreamState(voice=voice, noise=noise, spk=spk, phase=noise.source_phase(dev),
                        mel_hist=torch.zeros(n_mels, 0, device=dev), mel_pending=torch.zeros(n_mels, 0, device=dev),
                        src_hist=torch.zeros(1, 0, device=dev), cycles=torch.zeros(cfg.hift_harmonics + 1, device=dev))
 
@@ -124,36 +125,39 @@ def _stack_equal(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.Tensor, lookahead: torch.Tensor,
-                final: bool, config: StreamConfig) -> list[torch.Tensor]:
-    """Advance a batch of streams by one chunk each; returns each stream's new audio (1-D).
+                final: bool, config: StreamConfig) -> torch.Tensor:
+    """Advance a batch of streams by one chunk each; returns their new audio ``(B, L)`` (equal lengths).
 
     chunks: (B, n) tokens to commit (n may be 0 only when ``final``); lookahead: (B, la) the
     tokens after them (la = pre_lookahead, or 0 when ``final``). Row b continues ``states[b]``,
-    which is updated in place. All rows must have equal shapes (prompt length, context length).
+    which is updated in place. All rows must have equal shapes (prompt length, context length,
+    HiFT context / pending lengths). Noise is drawn on the model's device for the whole batch
+    (``noise.hashed_normal``); per-row work is only the window assembly and state bookkeeping.
     """
     cfg = model.cfg
     dev = model.device
     B, n = chunks.shape
     la = lookahead.size(1)
     ratio, hop = cfg.token_mel_ratio, cfg.hop_samples
+    seeds = torch.tensor([s.noise.seed for s in states], dtype=torch.int64)
 
     # ---- flow: prompt + left context + chunk + look-ahead -> the chunk's mel frames
     if n > 0:
-        windows, noises = [], []
+        windows, starts = [], []
         for s, c, a in zip(states, chunks, lookahead):
             nctx = min(config.context_tokens, s.committed)
             start = s.committed - nctx
             ctx = torch.tensor(s.tokens[start - s.token_base:s.committed - s.token_base], dtype=torch.long)
             if s.prompt_tokens_cpu is None:  # once per session, not a device -> host copy per step
                 s.prompt_tokens_cpu = s.voice.prompt_token[0].cpu()
+            if s.prompt_noise is None:  # the prompt frames' noise is a constant of the session
+                s.prompt_noise = s.noise.mel(0, s.voice.n_prompt_frames, device=dev)
             windows.append(torch.cat([s.prompt_tokens_cpu, ctx, c.cpu(), a.cpu()]))
-            fp = s.voice.n_prompt_frames
-            if s.prompt_noise is None:
-                s.prompt_noise = s.noise.mel(0, fp)
-            noises.append(torch.cat([s.prompt_noise,
-                                     s.noise.mel(fp + ratio * start, fp + ratio * (s.committed + n + la))], dim=1))
+            starts.append(s.voice.n_prompt_frames + ratio * start)
         tok = _stack_equal(windows, "window").to(dev)
-        noise = _stack_equal(noises, "noise").to(dev)
+        n_frames = ratio * (tok.size(1) - states[0].voice.n_prompt_tokens)  # context + chunk + look-ahead
+        fresh = hashed_normal(stream_keys(seeds, MEL_STREAM).to(dev), torch.tensor(starts).to(dev), n_frames, cfg.n_mels)
+        noise = torch.cat([_stack_equal([s.prompt_noise for s in states], "prompt noise"), fresh], dim=2)
         feat = torch.cat([s.voice.prompt_feat for s in states])
         spk = torch.cat([s.spk for s in states])
         mel = flow_fn(model)(tok, feat, spk, noise, drop_tail_frames=ratio * la)[:, :, -ratio * n:]  # (B, n_mels, 2n)
@@ -163,13 +167,13 @@ def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.
     # ---- HiFT: left context + pending frames
     if len({(s.mel_hist.size(1), s.mel_pending.size(1)) for s in states}) != 1:
         raise ValueError("stream_step batch needs equal HiFT context / pending lengths in every row")
-    mel_in = _stack_equal([torch.cat([s.mel_hist, s.mel_pending, m], dim=1) for s, m in zip(states, mel)], "HiFT window")
+    mel_in = torch.cat([torch.stack([s.mel_hist for s in states]), torch.stack([s.mel_pending for s in states]), mel], dim=2)
     h = states[0].mel_hist.size(1)
     total = mel_in.size(2)
     f0 = f0_fn(model)(mel_in)[:, h * hop:]  # new part only: (B, (total-h)*hop)
-    first = torch.tensor([s.emitted * hop for s in states])
-    rnd = SourceNoise(torch.stack([s.phase for s in states]),
-                      torch.stack([s.noise.source_noise(int(a), int(a) + f0.size(1)) for s, a in zip(states, first)]).to(dev))
+    first = torch.tensor([s.emitted * hop for s in states], dtype=torch.int64)
+    src_noise = hashed_normal(stream_keys(seeds, SOURCE_STREAM).to(dev), first.to(dev), f0.size(1), cfg.hift_harmonics + 1)
+    rnd = SourceNoise(torch.stack([s.phase for s in states]), src_noise)
     cycles0 = torch.stack([s.cycles for s in states])
     src_new, _ = model.mel2wav.m_source(f0, rnd, cycles0)
     waves_cycles = _cycles(model, f0, cycles0)
@@ -178,35 +182,49 @@ def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.
 
     hold = 0 if final else config.holdback_frames
     emit_frames = total - h - hold  # frames from ``emitted`` on that are returned now
-    outs = []
-    for b, s in enumerate(states):
-        out = audio[b, h * hop:(h + emit_frames) * hop].clone()
-        if s.tail is not None and s.tail.numel() and out.numel():
-            x = min(s.tail.numel(), out.numel())
+    out = audio[:, h * hop:(h + emit_frames) * hop].float()
+    tails = {s.tail.numel() if s.tail is not None else 0 for s in states}
+    if out.size(1) and tails != {0}:  # cross-fade the held-back audio of the previous step
+        if len(tails) == 1:
+            x = min(tails.pop(), out.size(1))
             w = _fade_in(x, out.device, out.dtype)
-            out[:x] = s.tail[:x] * (1 - w) + out[:x] * w
-        a0 = s.emitted * hop
-        if a0 < 2 * (cfg.sample_rate // 50):
-            gains = trim_fade(a0 + out.numel(), cfg.sample_rate, out.device, out.dtype)[a0:]
-            out = out * gains
-        outs.append(out.float())
-        # carry state
-        new_emitted = s.emitted + emit_frames
-        keep_from = max(0, h + emit_frames - config.hift_context_frames)
-        # clones: a row's state never holds a view of the batch tensors (other rows' data)
-        s.mel_hist = mel_in[b, :, keep_from:h + emit_frames].clone()
-        s.mel_pending = mel_in[b, :, h + emit_frames:].clone()
-        s.src_hist = source[b, :, keep_from * hop:(h + emit_frames) * hop].clone()
-        if emit_frames > 0:
-            s.cycles = waves_cycles[b, :, emit_frames * hop - 1].clone()
-        s.tail = audio[b, (h + emit_frames) * hop:].clone() if not final else None
-        s.emitted = new_emitted
+            tail = torch.stack([s.tail[:x] for s in states])
+            out = torch.cat([tail * (1 - w) + out[:, :x] * w, out[:, x:]], dim=1)
+        else:  # rows with different tails (not produced by push_batch's grouping, but allowed)
+            out = out.clone()
+            for b, s in enumerate(states):
+                if s.tail is not None and s.tail.numel():
+                    x = min(s.tail.numel(), out.size(1))
+                    w = _fade_in(x, out.device, out.dtype)
+                    out[b, :x] = s.tail[:x] * (1 - w) + out[b, :x] * w
+    fade_len = 2 * (cfg.sample_rate // 50)
+    early = [b for b, s in enumerate(states) if s.emitted * hop < fade_len]
+    if early and out.size(1):  # upstream's start fade, on the first samples of a stream
+        gains = torch.ones(B, out.size(1), device=out.device, dtype=out.dtype)
+        for b in early:
+            a0 = states[b].emitted * hop
+            gains[b] = trim_fade(a0 + out.size(1), cfg.sample_rate, out.device, out.dtype)[a0:]
+        out = out * gains
+    # carry state: one compact copy per part for the whole batch, rows keep views of it (a row never
+    # keeps a whole step's tensors alive, only what it carries)
+    keep_from = max(0, h + emit_frames - config.hift_context_frames)
+    mel_hist = mel_in[:, :, keep_from:h + emit_frames].clone()
+    mel_pending = mel_in[:, :, h + emit_frames:].clone()
+    src_hist = source[:, :, keep_from * hop:(h + emit_frames) * hop].clone()
+    cycles = waves_cycles[:, :, emit_frames * hop - 1].clone() if emit_frames > 0 else None
+    tail = None if final else audio[:, (h + emit_frames) * hop:].clone()
+    for b, s in enumerate(states):
+        s.mel_hist, s.mel_pending, s.src_hist = mel_hist[b], mel_pending[b], src_hist[b]
+        if cycles is not None:
+            s.cycles = cycles[b]
+        s.tail = None if tail is None else tail[b]
+        s.emitted += emit_frames
         s.committed += n
         drop = max(0, s.committed - config.context_tokens - s.token_base)
         if drop:
             del s.tokens[:drop]
             s.token_base += drop
-    return outs
+    return out
 
 
 def _cycles(model: S3GenModel, f0: torch.Tensor, cycles0: torch.Tensor) -> torch.Tensor:
@@ -253,6 +271,12 @@ class StreamingSession:
             return c.chunk_tokens
         return min(c.chunk_tokens, max(self._last_chunk * 2, 1))
 
+    def tokens_needed(self) -> int:
+        """More tokens ``push`` needs before its next step can run (and return audio); >= 1."""
+        if self.closed or self.finished:
+            return 1
+        return max(1, self._next_chunk() + self._lookahead - self._pending_tokens)
+
     @property
     def _lookahead(self) -> int:
         return self.model.cfg.pre_lookahead + self.config.extra_lookahead_tokens
@@ -265,22 +289,20 @@ class StreamingSession:
         ahead = torch.tensor(s.tokens[i + n:i + n + la], dtype=torch.long).view(1, la)
         return chunk, ahead
 
-    def _run(self, n: int, la: int, final: bool) -> torch.Tensor:
-        chunk, ahead = self._slice(n, la)
-        self._last_chunk = n
-        return stream_step(self.model, [self.state], chunk, ahead, final, self.config)[0]
-
     def push(self, tokens: Any) -> torch.Tensor:
         """Add speech tokens; returns the audio that became final (float32, 1-D, maybe empty)."""
         return push_batch([self], [tokens])[0]
 
     def finish(self) -> torch.Tensor:
         """End of the stream: decode every remaining token and return the rest of the audio."""
-        self._check_open()
-        self.finished = True
-        if self.n_tokens == 0:
-            return torch.zeros(0)
-        return self._run(self._pending_tokens, 0, final=True).cpu()
+        return finish_batch([self])[0]
+
+    def _shape_key(self, n: int, la: int) -> tuple:
+        """Sessions whose next step of ``n`` tokens (+ ``la`` look-ahead) has equal key batch together."""
+        st = self.state
+        return (id(self.model), self.config, n, la, st.voice.n_prompt_tokens,
+                min(self.config.context_tokens, st.committed), st.mel_hist.size(1), st.mel_pending.size(1),
+                0 if st.tail is None else st.tail.numel())
 
     def close(self) -> None:
         """Free the state (idempotent)."""
@@ -315,10 +337,7 @@ def push_batch(sessions: Sequence[StreamingSession], token_lists: Sequence[Any])
             n, la = sess._next_chunk(), sess._lookahead
             if sess._pending_tokens < n + la:
                 continue
-            st = sess.state
-            key = (id(sess.model), sess.config, n, la, st.voice.n_prompt_tokens,
-                   min(sess.config.context_tokens, st.committed), st.mel_hist.size(1), st.mel_pending.size(1))
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(sess._shape_key(n, la), []).append(i)
         if not groups:
             break
         for (_, config, n, la, *_), idx in groups.items():
@@ -326,9 +345,34 @@ def push_batch(sessions: Sequence[StreamingSession], token_lists: Sequence[Any])
             chunk = torch.cat([c for c, _ in parts])
             ahead = torch.cat([a for _, a in parts])
             model = sessions[idx[0]].model
-            audio = stream_step(model, [sessions[i].state for i in idx], chunk, ahead, False, config)
-            audio = torch.cat(audio).cpu().split([a.numel() for a in audio])  # one device -> host copy
-            for i, a in zip(idx, audio):
+            audio = stream_step(model, [sessions[i].state for i in idx], chunk, ahead, False, config).cpu()
+            for i, a in zip(idx, audio):  # one device -> host copy for the group
                 sessions[i]._last_chunk = n
-                outs[i].append(a.cpu())
+                outs[i].append(a)
     return [torch.cat(o) for o in outs]
+
+
+def finish_batch(sessions: Sequence[StreamingSession]) -> list[torch.Tensor]:
+    """``[s.finish() for s in sessions]``, with the final steps of equal shape (same remaining
+    tokens, context and HiFT lengths) run as one batched ``stream_step``. Every session is
+    checked first (closed / already finished raise, and no session changes). Returns each
+    session's last audio (1-D float32 CPU, maybe empty).
+    """
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("finish_batch got the same session twice")
+    for sess in sessions:
+        sess._check_open()
+    outs: list[torch.Tensor] = [torch.zeros(0) for _ in sessions]
+    groups: dict[tuple, list[int]] = {}
+    for i, sess in enumerate(sessions):
+        sess.finished = True
+        if sess.n_tokens:
+            groups.setdefault(sess._shape_key(sess._pending_tokens, 0), []).append(i)
+    for (_, config, n, *_), idx in groups.items():
+        chunk = torch.cat([sessions[i]._slice(n, 0)[0] for i in idx])
+        model = sessions[idx[0]].model
+        audio = stream_step(model, [sessions[i].state for i in idx], chunk, chunk[:, :0], True, config).cpu()
+        for i, a in zip(idx, audio):
+            sessions[i]._last_chunk = n
+            outs[i] = a
+    return outs
