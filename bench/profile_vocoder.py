@@ -66,6 +66,7 @@ def main() -> None:
     # wrap the parts
     g = model.graphs
     g.flow, g.f0, g.decode = timed("flow", g.flow), timed("hift.f0", g.f0), timed("hift.decode", g.decode)
+    g.flow_padded = timed("flow", g.flow_padded)
     src = model.mel2wav.m_source
     src.forward = timed("hift.source", src.forward)  # a submodule: patch its forward
     streaming._cycles = timed("cycles", streaming._cycles)

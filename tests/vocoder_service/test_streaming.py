@@ -192,3 +192,20 @@ def test_finish_batch_equals_solo_finishes(tiny_model, tiny_voice, tokens):
     with pytest.raises(ValueError, match="twice"):
         fresh = StreamingSession(tiny_model, tiny_voice)
         finish_batch([fresh, fresh])
+
+
+def test_push_batch_mixes_stream_phases_in_one_flow_batch(tiny_model, tiny_voice, tokens):
+    # session 0 is 40 tokens ahead: its steps (context, chunk size) differ from session 1's, yet the
+    # padded flow runs them together and each gets its solo audio
+    a, b = tokens[:120], tokens[120:200]
+    solo_a = stream(tiny_model, tiny_voice, a, [40, 10], seed=0)[0]
+    solo_b = stream(tiny_model, tiny_voice, b, [10], seed=1)[0]
+    sa, sb = StreamingSession(tiny_model, tiny_voice, seed=0), StreamingSession(tiny_model, tiny_voice, seed=1)
+    out_a, out_b = [sa.push(a[:40])], []
+    for i in range(0, 80, 10):
+        x, y = push_batch([sa, sb], [a[40 + i:50 + i], b[i:i + 10]])
+        out_a.append(x)
+        out_b.append(y)
+    ends = finish_batch([sa, sb])
+    torch.testing.assert_close(torch.cat(out_a + [ends[0]]), solo_a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(out_b + [ends[1]]), solo_b, rtol=1e-4, atol=1e-5)

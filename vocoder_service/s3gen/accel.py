@@ -179,17 +179,25 @@ class S3GenGraphs:
     def __init__(self, model, max_graphs: int = 64, batch_buckets: tuple[int, ...] = BATCH_BUCKETS):
         kw = dict(max_graphs=max_graphs, batch_buckets=batch_buckets, shared=GraphMemory())
         self.flow = CudaGraphCache(model.flow, "flow", **kw)
+        self.flow_padded = CudaGraphCache(model.flow.forward_padded, "flow.padded", **kw)
         self.f0 = CudaGraphCache(model.mel2wav.f0_at_samples, "hift.f0", **kw)
         self.decode = CudaGraphCache(model.mel2wav.decode, "hift.decode", **kw)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {"flow": self.flow.stats(), "f0": self.f0.stats(), "decode": self.decode.stats()}
+        return {"flow": self.flow.stats(), "flow_padded": self.flow_padded.stats(), "f0": self.f0.stats(),
+                "decode": self.decode.stats()}
 
 
 def flow_fn(model) -> Callable:
     """``model.flow`` or its graphed form (same signature; ``drop_tail_frames`` by keyword)."""
     g = getattr(model, "graphs", None)
     return g.flow if g is not None else model.flow
+
+
+def flow_padded_fn(model) -> Callable:
+    """``model.flow.forward_padded`` or its graphed form."""
+    g = getattr(model, "graphs", None)
+    return g.flow_padded if g is not None else model.flow.forward_padded
 
 
 def f0_fn(model) -> Callable:
@@ -206,7 +214,7 @@ def warm_up_streaming(model, voice, config=None, batch_sizes: tuple[int, ...] = 
     """Run ``n_tokens`` through ``push_batch`` at each batch size, so every chunk shape of the
     schedule (first chunk, growing chunks, static chunks once ``context_tokens`` are committed)
     is captured before serving (with CUDA graphs; without, it only warms kernels)."""
-    from .streaming import StreamingSession, push_batch
+    from .streaming import StreamingSession, finish_batch, push_batch
 
     g = torch.Generator().manual_seed(0)
     for b in batch_sizes:
@@ -214,6 +222,7 @@ def warm_up_streaming(model, voice, config=None, batch_sizes: tuple[int, ...] = 
         toks = torch.randint(0, model.cfg.vocab_size, (b, n_tokens), generator=g).tolist()
         for i in range(0, n_tokens, 5):
             push_batch(sessions, [t[i:i + 5] for t in toks])
+        finish_batch(sessions)  # one final-step shape (others are captured when first seen)
         for s in sessions:
             s.close()
 

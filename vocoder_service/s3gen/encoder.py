@@ -90,19 +90,14 @@ class RelPositionSelfAttention(nn.Module):
         # pick, for query i and key j, the column of distance i-j: k = T-1-i+j
         idx = (T - 1) - torch.arange(T, device=x.device).unsqueeze(1) + torch.arange(T, device=x.device)
         position = position.gather(-1, idx.expand(B, H, T, T))
-        if key_mask is None:
-            # softmax((q+u) k^T / sqrt(Dh) + position / sqrt(Dh)) v as one fused attention with an
-            # additive bias (same numbers to rounding; no (B,H,T,T) softmax round trip)
-            out = F.scaled_dot_product_attention((q + self.pos_bias_u).transpose(1, 2), k, v,
-                                                 attn_mask=position / math.sqrt(Dh))
-            return self.linear_out(out.transpose(1, 2).reshape(B, T, D))
-        content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # (B,H,T,T)
-        scores = (content + position) / math.sqrt(Dh)
-        masked = ~key_mask[:, None, None, :]
-        scores = scores.masked_fill(masked, float("-inf"))
-        attn = torch.softmax(scores, dim=-1).masked_fill(masked, 0.0)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(B, T, D)
-        return self.linear_out(out)
+        # softmax((q+u) k^T / sqrt(Dh) + position / sqrt(Dh)) v as one fused attention with an
+        # additive bias (same numbers to rounding; no (B,H,T,T) softmax round trip); padded keys
+        # get -inf (every row has real keys: the prompt)
+        bias = position / math.sqrt(Dh)
+        if key_mask is not None:
+            bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        out = F.scaled_dot_product_attention((q + self.pos_bias_u).transpose(1, 2), k, v, attn_mask=bias)
+        return self.linear_out(out.transpose(1, 2).reshape(B, T, D))
 
 
 class FeedForward(nn.Module):
@@ -179,10 +174,18 @@ class UpsampleConformerEncoder(nn.Module):
         self.ratio = cfg.token_mel_ratio
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """x: token embeddings (B, T, D); lengths: (B,) or None (all full) -> (B, ratio*T, D)."""
+        """x: token embeddings (B, T, D); lengths: (B,) or None (all full) -> (B, ratio*T, D).
+
+        With ``lengths``, row b's first ``ratio*lengths[b]`` outputs equal an unpadded run of its
+        first ``lengths[b]`` tokens (to rounding): padded positions are zeroed before the only
+        right-looking layer (the look-ahead conv, which sees zeros past a sequence's end) and are
+        masked out of every attention; everything else is per position or causal.
+        """
         T = x.size(1)
         mask = None if lengths is None else torch.arange(T, device=x.device) < lengths[:, None]
         x, pos = self.embed(x)
+        if mask is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)
         x = self.pre_lookahead_layer(x)
         for block in self.encoders:
             x = block(x, pos, mask)

@@ -81,3 +81,24 @@ class TokenToMel(nn.Module):
         # no padded frame in a flow window: mask None (== all ones, fewer kernels, flash attention)
         mel = self.decoder(noise[:, :, :Fr], mu, None, spk, cond, n_steps)
         return mel[:, :, Fp:]
+
+    def forward_padded(self, tokens: torch.Tensor, prompt_feat: torch.Tensor, spk: torch.Tensor, noise: torch.Tensor,
+                       token_lengths: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """``forward`` for rows of different lengths, right-padded to one window (one batch, one shape).
+
+        tokens: (B, T) int64, prompt first (the same prompt length Tp in every row), padding last;
+        token_lengths: (B,) real tokens per row (the encoder's input); mel_lengths: (B,) frames per
+        row the decoder sees (``ratio * token_lengths`` minus the row's ``drop_tail_frames``);
+        noise: (B, n_mels, ratio*T). Returns float32 (B, n_mels, ratio*T - Fp): row b's first
+        ``mel_lengths[b] - Fp`` frames equal ``forward`` on that row alone (to rounding); later
+        frames are padding. The decoder is causal apart from its attention, whose padded keys are
+        masked, so the padding never reaches a real frame.
+        """
+        h = self.encoder(self.input_embedding(tokens), token_lengths)
+        mu = self.encoder_proj(h).transpose(1, 2)  # (B, n_mels, F)
+        Fr, Fp = mu.size(2), prompt_feat.size(1)
+        cond = torch.zeros_like(mu)
+        cond[:, :, :Fp] = prompt_feat.transpose(1, 2).to(mu.dtype)
+        mask = (torch.arange(Fr, device=mu.device) < mel_lengths[:, None]).unsqueeze(1).to(mu.dtype)  # (B, 1, F)
+        mel = self.decoder(noise[:, :, :Fr], mu, mask, spk, cond)
+        return mel[:, :, Fp:]

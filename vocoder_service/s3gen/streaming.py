@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .accel import decode_fn, f0_fn, flow_fn
+from .accel import decode_fn, f0_fn, flow_fn, flow_padded_fn
 from .hift import SourceNoise
 from .model import S3GenModel, VoiceCond, check_tokens, trim_fade
 from .noise import MEL_STREAM, SOURCE_STREAM, PositionalNoise, hashed_normal, stream_keys
@@ -70,6 +70,7 @@ class StreamConfig:
     holdback_frames: int = 2       # audio frames held back and cross-faded with the next step
     grow: bool = True              # later chunks double from first_chunk_tokens up to chunk_tokens
     extra_lookahead_tokens: int = 0  # right context beyond the encoder's own look-ahead (latency for quality)
+    pad_windows: bool = True       # every flow window padded (masked) to one shape: all ready sessions, one flow batch
 
     def __post_init__(self):
         if self.first_chunk_tokens < 1 or self.chunk_tokens < 1:
@@ -123,6 +124,91 @@ def _stack_equal(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
     return torch.stack(list(tensors))
 
 
+def _window(s: StreamState, chunk: torch.Tensor, ahead: torch.Tensor, config: StreamConfig, ratio: int, dev
+            ) -> tuple[torch.Tensor, int, int]:
+    """Row ``s``'s flow window (host int64: prompt + left context + chunk + look-ahead), the absolute
+    mel frame where its context starts, and its context length in tokens."""
+    nctx = min(config.context_tokens, s.committed)
+    start = s.committed - nctx
+    ctx = torch.tensor(s.tokens[start - s.token_base:s.committed - s.token_base], dtype=torch.long)
+    if s.prompt_tokens_cpu is None:  # once per session, not a device -> host copy per step
+        s.prompt_tokens_cpu = s.voice.prompt_token[0].cpu()
+    if s.prompt_noise is None:  # the prompt frames' noise is a constant of the session
+        s.prompt_noise = s.noise.mel(0, s.voice.n_prompt_frames, device=dev)
+    return torch.cat([s.prompt_tokens_cpu, ctx, chunk.cpu(), ahead.cpu()]), s.voice.n_prompt_frames + ratio * start, nctx
+
+
+def _flow_noise(states: Sequence[StreamState], starts: list[int], n_frames: int, n_mels: int, dev) -> torch.Tensor:
+    """(B, n_mels, Fp + n_frames): each row's prompt noise, then its noise from frame ``starts[b]`` on."""
+    seeds = torch.tensor([s.noise.seed for s in states], dtype=torch.int64)
+    fresh = hashed_normal(stream_keys(seeds, MEL_STREAM).to(dev), torch.tensor(starts).to(dev), n_frames, n_mels)
+    return torch.cat([_stack_equal([s.prompt_noise for s in states], "prompt noise"), fresh], dim=2)
+
+
+def padded_window(model, config: StreamConfig) -> int:
+    """Tokens after the prompt in the one padded flow window: context + largest chunk + look-ahead."""
+    return (config.context_tokens + max(config.first_chunk_tokens, config.chunk_tokens)
+            + model.cfg.pre_lookahead + config.extra_lookahead_tokens)
+
+
+@torch.inference_mode()
+def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence[torch.Tensor],
+              aheads: Sequence[torch.Tensor], config: StreamConfig) -> list[torch.Tensor]:
+    """The flow part of a step for rows of any chunk / look-ahead / context sizes: row b's new mel
+    frames ``(n_mels, ratio * len(chunks[b]))`` (on the model's device; empty for an empty chunk).
+
+    With ``config.pad_windows`` and a model whose flow has ``forward_padded``, rows of one prompt
+    length run as one batch in one window shape (right-padded, masked: the same numbers as alone);
+    otherwise rows run in groups of equal window shape. States are not changed.
+    """
+    cfg, dev = model.cfg, model.device
+    ratio = cfg.token_mel_ratio
+    out: list[torch.Tensor | None] = [None] * len(states)
+    rows = []
+    for b, (s, c, a) in enumerate(zip(states, chunks, aheads)):
+        if c.numel() == 0:
+            out[b] = torch.zeros(cfg.n_mels, 0, device=dev)
+        else:
+            rows.append((b, *_window(s, c, a, config, ratio, dev)))
+    padded = config.pad_windows and hasattr(model.flow, "forward_padded")
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        b, win = row[0], row[1]
+        tp = states[b].voice.n_prompt_tokens
+        key = ("padded", tp) if padded else ("exact", win.numel(), aheads[b].numel())
+        groups.setdefault(key, []).append(row)
+    for key, group in groups.items():
+        idx = [r[0] for r in group]
+        sts = [states[b] for b in idx]
+        tp = sts[0].voice.n_prompt_tokens
+        if key[0] == "padded":
+            width = tp + padded_window(model, config)
+            if max(r[1].numel() for r in group) > width:
+                raise ValueError(f"a flow window exceeds the padded width {width} (config {config})")
+            tok = torch.zeros(len(group), width, dtype=torch.long)
+            for k, r in enumerate(group):
+                tok[k, :r[1].numel()] = r[1]
+            tok_len = torch.tensor([r[1].numel() for r in group])
+            mel_len = ratio * (tok_len - torch.tensor([aheads[b].numel() for b in idx]))
+            noise = _flow_noise(sts, [r[2] for r in group], ratio * (width - tp), cfg.n_mels, dev)
+            feat = torch.cat([s.voice.prompt_feat for s in sts])
+            spk = torch.cat([s.spk for s in sts])
+            mel = flow_padded_fn(model)(tok.to(dev), feat, spk, noise, tok_len.to(dev), mel_len.to(dev))
+            for k, r in enumerate(group):  # row k's chunk frames follow its context
+                n = chunks[r[0]].numel()
+                out[r[0]] = mel[k, :, ratio * r[3]:ratio * (r[3] + n)]
+        else:
+            la = aheads[idx[0]].numel()
+            tok = torch.stack([r[1] for r in group]).to(dev)
+            noise = _flow_noise(sts, [r[2] for r in group], ratio * (tok.size(1) - tp), cfg.n_mels, dev)
+            feat = torch.cat([s.voice.prompt_feat for s in sts])
+            spk = torch.cat([s.spk for s in sts])
+            mel = flow_fn(model)(tok, feat, spk, noise, drop_tail_frames=ratio * la)
+            for k, r in enumerate(group):
+                out[r[0]] = mel[k, :, mel.size(2) - ratio * chunks[r[0]].numel():]
+    return out  # type: ignore[return-value]
+
+
 @torch.inference_mode()
 def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.Tensor, lookahead: torch.Tensor,
                 final: bool, config: StreamConfig) -> torch.Tensor:
@@ -130,39 +216,23 @@ def stream_step(model: S3GenModel, states: Sequence[StreamState], chunks: torch.
 
     chunks: (B, n) tokens to commit (n may be 0 only when ``final``); lookahead: (B, la) the
     tokens after them (la = pre_lookahead, or 0 when ``final``). Row b continues ``states[b]``,
-    which is updated in place. All rows must have equal shapes (prompt length, context length,
-    HiFT context / pending lengths). Noise is drawn on the model's device for the whole batch
-    (``noise.hashed_normal``); per-row work is only the window assembly and state bookkeeping.
+    which is updated in place. HiFT needs equal shapes in every row (context / pending lengths).
     """
+    mels = flow_rows(model, states, list(chunks), list(lookahead), config)
+    return hift_rows(model, states, torch.stack(mels), chunks.size(1), final, config)
+
+
+@torch.inference_mode()
+def hift_rows(model: S3GenModel, states: Sequence[StreamState], mel: torch.Tensor, n: int, final: bool,
+              config: StreamConfig) -> torch.Tensor:
+    """The HiFT part of a step: rows' new mel frames ``(B, n_mels, ratio*n)`` -> their new audio
+    ``(B, L)``; commits the ``n`` tokens in every state. Rows need equal HiFT context / pending /
+    tail lengths (one graph shape). Noise is drawn on the device for the whole batch."""
     cfg = model.cfg
     dev = model.device
-    B, n = chunks.shape
-    la = lookahead.size(1)
-    ratio, hop = cfg.token_mel_ratio, cfg.hop_samples
+    B = mel.size(0)
+    hop = cfg.hop_samples
     seeds = torch.tensor([s.noise.seed for s in states], dtype=torch.int64)
-
-    # ---- flow: prompt + left context + chunk + look-ahead -> the chunk's mel frames
-    if n > 0:
-        windows, starts = [], []
-        for s, c, a in zip(states, chunks, lookahead):
-            nctx = min(config.context_tokens, s.committed)
-            start = s.committed - nctx
-            ctx = torch.tensor(s.tokens[start - s.token_base:s.committed - s.token_base], dtype=torch.long)
-            if s.prompt_tokens_cpu is None:  # once per session, not a device -> host copy per step
-                s.prompt_tokens_cpu = s.voice.prompt_token[0].cpu()
-            if s.prompt_noise is None:  # the prompt frames' noise is a constant of the session
-                s.prompt_noise = s.noise.mel(0, s.voice.n_prompt_frames, device=dev)
-            windows.append(torch.cat([s.prompt_tokens_cpu, ctx, c.cpu(), a.cpu()]))
-            starts.append(s.voice.n_prompt_frames + ratio * start)
-        tok = _stack_equal(windows, "window").to(dev)
-        n_frames = ratio * (tok.size(1) - states[0].voice.n_prompt_tokens)  # context + chunk + look-ahead
-        fresh = hashed_normal(stream_keys(seeds, MEL_STREAM).to(dev), torch.tensor(starts).to(dev), n_frames, cfg.n_mels)
-        noise = torch.cat([_stack_equal([s.prompt_noise for s in states], "prompt noise"), fresh], dim=2)
-        feat = torch.cat([s.voice.prompt_feat for s in states])
-        spk = torch.cat([s.spk for s in states])
-        mel = flow_fn(model)(tok, feat, spk, noise, drop_tail_frames=ratio * la)[:, :, -ratio * n:]  # (B, n_mels, 2n)
-    else:
-        mel = torch.zeros(B, cfg.n_mels, 0, device=dev)
 
     # ---- HiFT: left context + pending frames
     if len({(s.mel_hist.size(1), s.mel_pending.size(1)) for s in states}) != 1:
@@ -297,12 +367,10 @@ class StreamingSession:
         """End of the stream: decode every remaining token and return the rest of the audio."""
         return finish_batch([self])[0]
 
-    def _shape_key(self, n: int, la: int) -> tuple:
-        """Sessions whose next step of ``n`` tokens (+ ``la`` look-ahead) has equal key batch together."""
+    def _hift_key(self, n: int) -> tuple:
+        """Sessions whose next step of ``n`` tokens has an equal key share one HiFT batch (one shape)."""
         st = self.state
-        return (id(self.model), self.config, n, la, st.voice.n_prompt_tokens,
-                min(self.config.context_tokens, st.committed), st.mel_hist.size(1), st.mel_pending.size(1),
-                0 if st.tail is None else st.tail.numel())
+        return n, st.mel_hist.size(1), st.mel_pending.size(1), 0 if st.tail is None else st.tail.numel()
 
     def close(self) -> None:
         """Free the state (idempotent)."""
@@ -332,30 +400,50 @@ def push_batch(sessions: Sequence[StreamingSession], token_lists: Sequence[Any])
         sess.n_tokens += tok.numel()
     outs: list[list[torch.Tensor]] = [[torch.zeros(0)] for _ in sessions]
     while True:
-        groups: dict[tuple, list[int]] = {}
+        ready = []
         for i, sess in enumerate(sessions):
             n, la = sess._next_chunk(), sess._lookahead
-            if sess._pending_tokens < n + la:
-                continue
-            groups.setdefault(sess._shape_key(n, la), []).append(i)
-        if not groups:
+            if sess._pending_tokens >= n + la:
+                ready.append((i, n, la))
+        if not ready:
             break
-        for (_, config, n, la, *_), idx in groups.items():
-            parts = [sessions[i]._slice(n, la) for i in idx]
-            chunk = torch.cat([c for c, _ in parts])
-            ahead = torch.cat([a for _, a in parts])
-            model = sessions[idx[0]].model
-            audio = stream_step(model, [sessions[i].state for i in idx], chunk, ahead, False, config).cpu()
-            for i, a in zip(idx, audio):  # one device -> host copy for the group
-                sessions[i]._last_chunk = n
-                outs[i].append(a)
+        for i, a in _step_rows([sessions[i] for i, _, _ in ready], [n for _, n, _ in ready],
+                               [la for _, _, la in ready], final=False):
+            outs[ready[i][0]].append(a)
     return [torch.cat(o) for o in outs]
 
 
+def _step_rows(sessions: Sequence[StreamingSession], ns: Sequence[int], las: Sequence[int], final: bool
+               ) -> list[tuple[int, torch.Tensor]]:
+    """One step of each session (``ns[k]`` tokens, ``las[k]`` look-ahead): the flow for all rows of
+    one model and config together (``flow_rows``), then HiFT per group of equal shape. Returns
+    (index into ``sessions``, audio on the host) pairs."""
+    results = []
+    by_model: dict[tuple, list[int]] = {}
+    for k, sess in enumerate(sessions):
+        by_model.setdefault((id(sess.model), sess.config), []).append(k)
+    for (_, config), ks in by_model.items():
+        model = sessions[ks[0]].model
+        parts = [sessions[k]._slice(ns[k], las[k]) for k in ks]
+        mels = flow_rows(model, [sessions[k].state for k in ks], [c[0] for c, _ in parts], [a[0] for _, a in parts],
+                         config)
+        groups: dict[tuple, list[int]] = {}
+        for j, k in enumerate(ks):
+            groups.setdefault(sessions[k]._hift_key(ns[k]), []).append(j)
+        for js in groups.values():
+            n = ns[ks[js[0]]]
+            audio = hift_rows(model, [sessions[ks[j]].state for j in js], torch.stack([mels[j] for j in js]), n,
+                              final, config).cpu()  # one device -> host copy per group
+            for j, a in zip(js, audio):
+                sessions[ks[j]]._last_chunk = n
+                results.append((ks[j], a))
+    return results
+
+
 def finish_batch(sessions: Sequence[StreamingSession]) -> list[torch.Tensor]:
-    """``[s.finish() for s in sessions]``, with the final steps of equal shape (same remaining
-    tokens, context and HiFT lengths) run as one batched ``stream_step``. Every session is
-    checked first (closed / already finished raise, and no session changes). Returns each
+    """``[s.finish() for s in sessions]``, batched: the final flows together (``flow_rows``), then
+    HiFT per group of equal shape (same remaining tokens, context and HiFT lengths). Every session
+    is checked first (closed / already finished raise, and no session changes). Returns each
     session's last audio (1-D float32 CPU, maybe empty).
     """
     if len({id(s) for s in sessions}) != len(sessions):
@@ -363,16 +451,10 @@ def finish_batch(sessions: Sequence[StreamingSession]) -> list[torch.Tensor]:
     for sess in sessions:
         sess._check_open()
     outs: list[torch.Tensor] = [torch.zeros(0) for _ in sessions]
-    groups: dict[tuple, list[int]] = {}
-    for i, sess in enumerate(sessions):
+    for sess in sessions:
         sess.finished = True
-        if sess.n_tokens:
-            groups.setdefault(sess._shape_key(sess._pending_tokens, 0), []).append(i)
-    for (_, config, n, *_), idx in groups.items():
-        chunk = torch.cat([sessions[i]._slice(n, 0)[0] for i in idx])
-        model = sessions[idx[0]].model
-        audio = stream_step(model, [sessions[i].state for i in idx], chunk, chunk[:, :0], True, config).cpu()
-        for i, a in zip(idx, audio):
-            sessions[i]._last_chunk = n
-            outs[i] = a
+    live = [i for i, sess in enumerate(sessions) if sess.n_tokens]
+    rows = [sessions[i] for i in live]
+    for k, a in _step_rows(rows, [s._pending_tokens for s in rows], [0] * len(rows), final=True):
+        outs[live[k]] = a
     return outs
