@@ -8,7 +8,9 @@ Sections
   setup      demo turbo checkpoint (random weights, seed 0) — both sides load the same files
   upstream   chatterbox-tts 0.1.7 fp32 eager: T3 tokens/s at batch 1, S3Gen per utterance,
              end-to-end ``generate`` (which also watermarks), peak memory, greedy reference tokens
-  t3         our engine (bf16, CUDA graphs): tokens/s at batch 1, time to first token, batch sweep
+  t3         our engine (bf16, CUDA graphs): tokens/s at batch 1, time to first token, batch sweep;
+             with --t3-compile (default on CUDA) also the torch.compile'd decode step: batch-1
+             tokens/s, graph replay ms, kernels per step and greedy agreement with the eager engine
   accuracy   greedy agreement ours-bf16 / ours-fp32 vs upstream-fp32; logits error bf16 vs fp32
   s3gen      our S3Gen: offline per utterance, streaming first-chunk latency, half-precision error
   services   both gRPC services as processes: time to first audio, concurrency sweep, memory
@@ -176,11 +178,13 @@ def upstream(model_dir: Path, n_tokens: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ t3
-def _engine(model_dir: Path, dtype: str, graphs: bool, max_slots: int):
+def _engine(model_dir: Path, dtype: str, graphs: bool, max_slots: int, compile: bool = False,
+            compile_mode: str = "default"):
     from token_service.engine.llm_engine import EngineConfig, LLMEngine
 
     return LLMEngine(EngineConfig(model_dir=model_dir, device=DEVICE, dtype=dtype, cuda_graphs=graphs,
-                                  max_slots=max_slots, max_waiting=1024, max_seq_len=2048))
+                                  max_slots=max_slots, max_waiting=1024, max_seq_len=2048,
+                                  compile=compile, compile_mode=compile_mode))
 
 
 async def _run_one(engine, ids, params) -> tuple[list[int], float, float]:
@@ -207,8 +211,113 @@ def _tdiff(a: dict, b: dict) -> dict:
     return out
 
 
+def _replay_ms(group, n: int, kv: int, reps: int = 200) -> float | None:
+    """GPU time of one captured decode step (engine idle; touches only idle rows' state)."""
+    gr = group.graphs.get((n, kv))
+    if gr is None:
+        return None
+    gr.replay()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        gr.replay()
+    sync()
+    return round((time.perf_counter() - t0) / reps * 1000, 4)
+
+
+@torch.inference_mode()
+def _kernels_per_step(eng, n: int, kv: int, steps: int = 5) -> float | None:
+    """Device kernels one (uncaptured) decode step of group 0 launches (torch.profiler; engine idle)."""
+    if DEVICE != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    r, g = eng.runner, eng.runner.groups[0]
+    r._reset_rows(g)  # released rows keep their last positions until the engine's next step
+    r._decode_body(g, n, kv)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            r._decode_body(g, n, kv)
+        sync()
+    r._reset_rows(g)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / steps
+
+
+def _greedy(eng, ids: list[list[int]], n: int = 64) -> list[list[int]]:
+    from token_service.t3.sampling import SamplingParams
+
+    async def go():
+        return [(await _run_one(eng, i, SamplingParams(top_k=1, max_new_tokens=n, seed=0)))[0] for i in ids]
+    return asyncio.run(go())
+
+
+def _agreement(got: list[list[int]], ref: list[list[int]]) -> list[dict]:
+    out = []
+    for a, b in zip(got, ref):
+        n = min(len(a), len(b))
+        first_diff = next((k for k in range(n) if a[k] != b[k]), n)
+        out.append({"compared": n, "first_mismatch": first_diff,
+                    "match_frac": sum(x == y for x, y in zip(a, b)) / max(n, 1)})
+    return out
+
+
+async def _bs1_runs(eng, ids, n_tokens: int, reps: int = 6) -> list[tuple[int, float, float]]:
+    """``reps`` batch-1 generations (the first one is a warm-up, dropped): (tokens, ttft s, total s)."""
+    from token_service.t3.sampling import SamplingParams
+
+    out = []
+    for rep in range(reps):
+        p = SamplingParams(max_new_tokens=n_tokens, seed=rep)
+        toks, ttft, total = await _run_one(eng, ids[rep % 3], p)
+        if rep:
+            out.append((len(toks), ttft, total))
+    return out
+
+
+def _tokens_per_s(runs: list[tuple[int, float, float]]) -> float:
+    """Decode rate after the first token, median over runs."""
+    return statistics.median([(n - 1) / (tot - f) for n, f, tot in runs if n > 1])
+
+
+def t3_compiled(model_dir: Path, n_tokens: int, eager, r: dict, mode: str) -> None:
+    """The torch.compile'd decode step next to the eager one (``eager``: the main engine, idle):
+    batch-1 tokens/s, graph replay, kernels per step, greedy agreement on the bench texts."""
+    dtype = "bfloat16" if DEVICE == "cuda" else "float32"
+    ids = RESULTS.get("text_ids") or [eager.tokenize(t) for t in TEXTS]
+    r["greedy_eager"] = _greedy(eager, ids)
+    r["decode_kernels_per_step"] = {"1x512": _kernels_per_step(eager, 1, 512)}
+    t_build = time.perf_counter()
+    # 8 slots = the main engine's first KV group (same shapes); on CPU one slot (one compile per segment)
+    eng = _engine(model_dir, dtype, DEVICE == "cuda", 8 if DEVICE == "cuda" else 1, compile=True, compile_mode=mode)
+    try:
+        r["compile_mode"] = mode
+        r["engine_build_s_compiled"] = round(time.perf_counter() - t_build, 1)
+        r["compile_status"] = eng.compile_status
+        print(f"  compiled engine built in {r['engine_build_s_compiled']}s: {eng.compile_status}", flush=True)
+        if DEVICE == "cuda":
+            g = eng.runner.groups[0]
+            r["decode_graph_ms_compiled"] = {"1x512": _replay_ms(g, 1, 512), "8x512": _replay_ms(g, 8, 512)}
+            r["decode_kernels_per_step_compiled"] = {"1x512": _kernels_per_step(eng, 1, 512)}
+            print(f"  compiled graph replay ms/step: {r['decode_graph_ms_compiled']}; kernels/step "
+                  f"{r['decode_kernels_per_step']} -> {r['decode_kernels_per_step_compiled']}", flush=True)
+        runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
+        r["batch1_tokens_per_s_compiled"] = _tokens_per_s(runs)
+        r["t3_ttft_ms_bs1_compiled"] = statistics.median([f * 1000 for _, f, _ in runs])
+        got = _greedy(eng, ids)
+        r["greedy_compiled_vs_eager"] = _agreement(got, r["greedy_eager"])
+        print(f"  compiled bs1 {r['batch1_tokens_per_s_compiled']:.0f} tok/s (eager {r.get('t3_tokens_per_s_bs1', 0):.0f}); "
+              f"greedy vs eager {r['greedy_compiled_vs_eager']}", flush=True)
+    finally:
+        eng.close()
+        del eng
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
 @section("t3")
-def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
+def t3(model_dir: Path, n_tokens: int, sweep: list[int], compile: bool = False, compile_mode: str = "default") -> None:
     from token_service.t3.sampling import SamplingParams
 
     peak_reset()
@@ -223,40 +332,25 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int]) -> None:
         r["roofline_tokens_per_s_bs1"] = bw * 1e9 / r["decode_weight_bytes"]
     ids = RESULTS.get("text_ids") or [eng.tokenize(t) for t in TEXTS]
 
-    async def bs1():
-        out = []
-        for rep in range(6):
-            p = SamplingParams(max_new_tokens=n_tokens, seed=rep)
-            toks, ttft, total = await _run_one(eng, ids[rep % 3], p)
-            if rep:
-                out.append((len(toks), ttft, total))
-        return out
-
-    def replay_ms(group, n: int, kv: int, reps: int = 200) -> float | None:
-        """GPU time of one captured decode step (engine idle; touches only idle rows' state)."""
-        gr = group.graphs.get((n, kv))
-        if gr is None:
-            return None
-        gr.replay()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            gr.replay()
-        sync()
-        return round((time.perf_counter() - t0) / reps * 1000, 4)
-
+    replay_ms = _replay_ms
     if DEVICE == "cuda":
         r["decode_graph_ms"] = {"1x512": replay_ms(eng.runner.groups[0], 1, 512),
                                 "8x512": replay_ms(eng.runner.groups[0], 8, 512)}
         print(f"  graph replay ms/step: {r['decode_graph_ms']}", flush=True)
     tm0 = eng.timings()
-    runs = asyncio.run(bs1())
+    runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
     print(f"  bs1 runs (tokens, ttft, total): {runs}", flush=True)
     r["peak_gpu_mem_GB_conc1"] = peak_gb()
     r["timings_bs1"] = _tdiff(eng.timings(), tm0)
     print(f"  bs1 engine-thread split: {r['timings_bs1']}; peak {r['peak_gpu_mem_GB_conc1']:.2f} GB", flush=True)
-    r["t3_tokens_per_s_bs1"] = statistics.median([(n - 1) / (tot - f) for n, f, tot in runs if n > 1])
+    r["t3_tokens_per_s_bs1"] = _tokens_per_s(runs)
     r["t3_ttft_ms_bs1"] = statistics.median([f * 1000 for _, f, _ in runs])
+    if compile:  # before the KV groups grow: the compiled engine needs its own first group
+        try:
+            t3_compiled(model_dir, n_tokens, eng, r, compile_mode)
+        except Exception as e:  # noqa: BLE001 - record; the rest of the section still runs
+            r["compile_error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
 
     # KV groups beyond the first are created on first use (allocation + graph capture); create them
     # all now so the sweep times steady state, and report what growing costs.
@@ -321,13 +415,7 @@ def accuracy(model_dir: Path) -> None:
         got = asyncio.run(greedy())
         eng.close()
         if ref:
-            agree = []
-            for a, b in zip(got, ref):
-                n = min(len(a), len(b))
-                first_diff = next((k for k in range(n) if a[k] != b[k]), n)
-                agree.append({"compared": n, "first_mismatch": first_diff,
-                              "match_frac": sum(x == y for x, y in zip(a, b)) / max(n, 1)})
-            r[f"greedy_vs_upstream_{dtype}"] = agree
+            r[f"greedy_vs_upstream_{dtype}"] = _agreement(got, ref)
         del eng
         gc.collect()
         torch.cuda.empty_cache()
@@ -599,6 +687,23 @@ def report(out: Path) -> str:
         f"| T3 speech tokens/s, batch 1 | {f(u.get('t3_tokens_per_s_bs1'))} | {f(t.get('t3_tokens_per_s_bs1'))} | "
         f"{ratio(t.get('t3_tokens_per_s_bs1'), u.get('t3_tokens_per_s_bs1'))} |",
         f"| T3 time to first token (ms) | – | {f(t.get('t3_ttft_ms_bs1'))} | |",
+    ]
+    if "batch1_tokens_per_s_compiled" in t or "compile_status" in t:
+        gm, gc_ = t.get("decode_graph_ms", {}), t.get("decode_graph_ms_compiled", {})
+        ag = t.get("greedy_compiled_vs_eager") or []
+        agree = sum(a["match_frac"] * a["compared"] for a in ag) / max(1, sum(a["compared"] for a in ag)) if ag else None
+        lines += [
+            f"| T3 tokens/s, batch 1, torch.compile ({t.get('compile_mode', 'default')}; {t.get('compile_status', '–')[:40]}) "
+            f"| | {f(t.get('batch1_tokens_per_s_compiled'))} | "
+            f"{ratio(t.get('batch1_tokens_per_s_compiled'), t.get('t3_tokens_per_s_bs1'))} of eager-step graphs |",
+            f"| T3 decode graph replay ms/step 1x512, eager → compiled (kernels/step) | | "
+            f"{f(gm.get('1x512'), '{:.3f}')} → {f(gc_.get('1x512'), '{:.3f}')} "
+            f"({f(t.get('decode_kernels_per_step', {}).get('1x512'), '{:.0f}')} → "
+            f"{f(t.get('decode_kernels_per_step_compiled', {}).get('1x512'), '{:.0f}')}) | |",
+            f"| T3 greedy agreement, compiled vs eager step, same dtype (64 tokens × {len(ag)} texts) | | "
+            f"{f(agree, '{:.3f}')} | |",
+        ]
+    lines += [
         f"| T3 batch-1 roofline (weights {f(t.get('decode_weight_bytes', 0) / 1e9, '{:.2f}')} GB/token at the copy "
         f"bandwidth), tokens/s | | {f(t.get('roofline_tokens_per_s_bs1'), '{:.0f}')} | "
         f"ours at {ratio(t.get('t3_tokens_per_s_bs1'), t.get('roofline_tokens_per_s_bs1'))} of it |",
@@ -674,6 +779,10 @@ def main() -> None:
                     help="services section on the GPU: the vocoder's engine settings (fastest accurate variant)")
     ap.add_argument("--level-time-s", type=float, default=20.0, help="services sweep: seconds per level")
     ap.add_argument("--stack-dump-s", type=float, default=120.0)
+    ap.add_argument("--t3-compile", choices=("auto", "on", "off"), default="auto",
+                    help="t3 section: also time the torch.compile'd decode step (auto: on for CUDA, off for the dry run)")
+    ap.add_argument("--t3-compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                    help="torch.compile mode of the compiled T3 decode step")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="tiny preset on CPU, upstream skipped: checks the script itself, times nothing real")
     args = ap.parse_args()
@@ -696,7 +805,8 @@ def main() -> None:
     if "upstream" in want and DEVICE == "cuda":
         upstream(model_dir, args.tokens)
     if "t3" in want:
-        t3(model_dir, args.tokens, sweep)
+        compile_t3 = args.t3_compile == "on" or (args.t3_compile == "auto" and DEVICE == "cuda")
+        t3(model_dir, args.tokens, sweep, compile=compile_t3, compile_mode=args.t3_compile_mode)
     if "accuracy" in want:
         accuracy(model_dir)
     if "s3gen" in want:

@@ -1,6 +1,8 @@
-"""Profile one T3 decode step on the GPU (eager, same shapes as a captured step): kernels by CUDA time.
+"""Profile one T3 decode step on the GPU (uncaptured, same shapes as a captured step): kernels by CUDA time.
 
-    PYTHONPATH=/tmp/site:$PWD python3 bench/profile_decode.py [--batch 1] [--kv 512]
+    PYTHONPATH=/tmp/site:$PWD python3 bench/profile_decode.py [--batch 1] [--kv 512] [--compile]
+
+``--compile``: the torch.compile'd decode step (``EngineConfig.compile``), compiled at engine start.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--kv", type=int, default=512)
     ap.add_argument("--work", default="/tmp/bench-work")
+    ap.add_argument("--compile", action="store_true", help="torch.compile'd decode step (EngineConfig.compile)")
     args = ap.parse_args()
     from export.demo_checkpoint import write_demo_checkpoint
     from token_service.engine.llm_engine import EngineConfig, LLMEngine
@@ -26,7 +29,9 @@ def main() -> None:
     d = Path(args.work) / "demo-turbo"
     if not d.exists():
         write_demo_checkpoint(d, "turbo", seed=0)
-    eng = LLMEngine(EngineConfig(model_dir=d, cuda_graphs=True, max_slots=8, graph_batch_sizes=(1, 8)))
+    eng = LLMEngine(EngineConfig(model_dir=d, cuda_graphs=True, max_slots=8, graph_batch_sizes=(1, 8),
+                                 compile=args.compile))
+    print(f"compile: {eng.compile_status}")
     r, g = eng.runner, eng.runner.groups[0]
     with torch.inference_mode():
         for _ in range(3):

@@ -35,21 +35,30 @@ from token_service.t3.model import GPT2
 KVList = list[tuple[Tensor, Tensor]]
 
 
+_TURBO = T3Config.preset("turbo")  # the defaults below are Turbo's, read from the T3 config
+# fields T3ForTRTConfig shares with T3Config under the same name (``prefix_len`` is derived there)
+_SHARED_FIELDS = ("name", "n_layer", "n_embd", "n_head", "n_positions", "layer_norm_eps", "text_vocab_size",
+                  "speech_vocab_size")
+
+
 @dataclass(frozen=True)
 class T3ForTRTConfig:
-    """Shape of a T3ForTRT model; ``total_vocab_size = text_vocab_size + speech_vocab_size``."""
+    """Shape of a T3ForTRT model; ``total_vocab_size = text_vocab_size + speech_vocab_size``.
 
-    n_layer: int = 24
-    n_embd: int = 1024
-    n_head: int = 16
-    n_positions: int = 8196
-    layer_norm_eps: float = 1e-5
-    text_vocab_size: int = 50276
-    speech_vocab_size: int = 6563
-    prefix_len: int = 376
+    The defaults are ``T3Config.preset("turbo")``'s; build other shapes with :meth:`from_t3_config`.
+    """
+
+    n_layer: int = _TURBO.n_layer
+    n_embd: int = _TURBO.n_embd
+    n_head: int = _TURBO.n_head
+    n_positions: int = _TURBO.n_positions
+    layer_norm_eps: float = _TURBO.layer_norm_eps
+    text_vocab_size: int = _TURBO.text_vocab_size
+    speech_vocab_size: int = _TURBO.speech_vocab_size
+    prefix_len: int = _TURBO.prefix_len
     start_speech: int = START_SPEECH  # speech-vocabulary ids (not unified)
     stop_speech: int = STOP_SPEECH
-    name: str = "turbo"
+    name: str = _TURBO.name
 
     @property
     def total_vocab_size(self) -> int:
@@ -71,16 +80,12 @@ class T3ForTRTConfig:
         return self.speech_offset + self.stop_speech
 
     def to_t3_config(self) -> T3Config:
-        return T3Config(name=self.name, n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
-                        n_positions=self.n_positions, layer_norm_eps=self.layer_norm_eps,
-                        text_vocab_size=self.text_vocab_size, speech_vocab_size=self.speech_vocab_size,
-                        prompt_len=self.prefix_len - 1)
+        """The T3 shape of the trunk (fields T3ForTRT does not carry keep T3Config's defaults)."""
+        return T3Config(**{f: getattr(self, f) for f in _SHARED_FIELDS}, prompt_len=self.prefix_len - 1)
 
     @classmethod
     def from_t3_config(cls, cfg: T3Config) -> "T3ForTRTConfig":
-        return cls(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.n_positions,
-                   layer_norm_eps=cfg.layer_norm_eps, text_vocab_size=cfg.text_vocab_size,
-                   speech_vocab_size=cfg.speech_vocab_size, prefix_len=cfg.prefix_len, name=cfg.name)
+        return cls(**{f: getattr(cfg, f) for f in _SHARED_FIELDS}, prefix_len=cfg.prefix_len)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -31,6 +31,8 @@ class TokenServiceConfig:
     max_new_tokens: int = setting(1001, "default and upper cap on speech tokens per sentence (25 per second of audio; upstream: 1001)")
     kv_slots: int = setting(0, "KV-cache slots of the pytorch engine (static memory per slot); 0 = max-streams")
     max_seq_len: int = setting(2048, "positions per KV slot: voice prefix + text + speech tokens")
+    compile: bool = setting(False, "pytorch engine: torch.compile the T3 decode step (compiles at start-up, "
+                                   "before CUDA-graph capture; falls back to eager with a warning if it fails)")
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from a caller, in bytes (larger ones get RESOURCE_EXHAUSTED)")
 
     def validate(self) -> None:

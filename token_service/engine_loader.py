@@ -24,7 +24,9 @@ def load_engine(cfg):
     slots = cfg.kv_slots or cfg.max_streams
     engine = LLMEngine(EngineConfig(
         model_dir=cfg.model_dir, voices_dir=cfg.voices_dir, device=cfg.device, dtype=cfg.dtype,
-        max_slots=slots, max_seq_len=cfg.max_seq_len, default_max_new_tokens=cfg.max_new_tokens))
+        max_slots=slots, max_seq_len=cfg.max_seq_len, default_max_new_tokens=cfg.max_new_tokens,
+        compile=cfg.compile))
     log.info("token engine ready", extra={"engine": "pytorch", "device": str(engine.device), "dtype": str(engine.dtype),
-                                          "kv_slots": slots, "voices": engine.voices()})
+                                          "kv_slots": slots, "voices": engine.voices(),
+                                          "compile": engine.compile_status})
     return engine

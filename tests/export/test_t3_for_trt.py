@@ -33,6 +33,15 @@ def test_config_vocab_ranges():
     assert (n.n_layer, n.n_embd, n.n_head, n.total_vocab_size) == (12, 768, 12, 56839)
 
 
+def test_config_defaults_follow_t3_turbo_and_round_trip():
+    turbo = T3Config.preset("turbo")
+    assert T3ForTRTConfig() == T3ForTRTConfig.from_t3_config(turbo)
+    for preset in ("turbo", "nano", "tiny"):
+        t3 = T3Config.preset(preset)
+        back = T3ForTRTConfig.from_t3_config(t3).to_t3_config()
+        assert back == T3Config(**{**t3.__dict__, "weights_file": back.weights_file}), preset
+
+
 def test_logits_equal_t3_engine(tiny, tiny_t3_dir):
     sd, cfg, prefix, model = tiny
     with torch.no_grad():

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from harness import MemoryTelemetry
+from service_pair import real_engines
 
 from tts_api.v1 import common_pb2, token_service_pb2, token_service_pb2_grpc, vocoder_service_pb2, vocoder_service_pb2_grpc
 from tts_client.client import make_config, synthesis_requests, synthesize
@@ -26,20 +27,7 @@ MAX_NEW = 40  # speech tokens per sentence: keeps CPU time small
 
 @pytest.fixture(scope="module")
 def engines(demo_tiny_dir):
-    from token_service.config import TokenServiceConfig
-    from token_service.engine_loader import load_engine as load_token_engine
-    from tts_common.config import load_config
-    from vocoder_service.config import VocoderServiceConfig
-    from vocoder_service.engine.loader import load_engine as load_vocoder_engine
-
-    tcfg = load_config(TokenServiceConfig, [], {}, model_dir=str(demo_tiny_dir), device="cpu", kv_slots=4, max_new_tokens=300,
-                       max_seq_len=1024)
-    vcfg = load_config(VocoderServiceConfig, [], {}, model_dir=str(demo_tiny_dir), device="cpu")
-    token_engine = load_token_engine(tcfg)
-    vocoder_engine = load_vocoder_engine(vcfg)
-    yield token_engine, vocoder_engine
-    token_engine.close()
-    vocoder_engine.shutdown()
+    yield from real_engines(demo_tiny_dir, kv_slots=4)
 
 
 @pytest.fixture

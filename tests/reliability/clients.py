@@ -77,6 +77,28 @@ async def synthesize(target: str, text: str, *, timeout: float = 60.0, cfg=None,
     return out
 
 
+async def start_streams(target: str, text: str, seeds, *, gap: float, words: int = 3, timeout: float = 60.0,
+                        wait: float = 30.0) -> list[asyncio.Future]:
+    """Start one Synthesize stream per seed whose ``text`` arrives ``words`` at a time every ``gap``
+    seconds (LLM pace); return their running outcomes (futures) once every one has sent audio, or
+    raise ``TimeoutError`` after ``wait`` seconds."""
+    seeds = list(seeds)
+    waiting = len(seeds)
+    all_audio = asyncio.Event()
+
+    def first_audio() -> None:
+        nonlocal waiting
+        waiting -= 1
+        if waiting == 0:
+            all_audio.set()
+
+    flights = [asyncio.ensure_future(synthesize(target, "", timeout=timeout, on_first_audio=first_audio,
+                                                request_iter=requests(text, config(seed=s), words=words, gap=gap)))
+               for s in seeds]
+    await asyncio.wait_for(all_audio.wait(), wait)
+    return flights
+
+
 def run(coro, timeout: float = 120.0):
     """Run ``coro`` on a fresh loop, bounded by ``timeout`` seconds."""
     return asyncio.run(asyncio.wait_for(coro, timeout))

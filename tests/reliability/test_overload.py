@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from clients import config, requests, run, sync_synthesize, synthesize
+from clients import config, run, start_streams, sync_synthesize, synthesize
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -29,19 +29,7 @@ def test_stream_limit_refuses_at_once_and_admitted_streams_are_unaffected(real_p
         assert r.code == "OK" and r.samples > 0, (r.code, r.details)
 
     async def scenario():
-        both = asyncio.Event()
-        seen = 0
-
-        def audio():
-            nonlocal seen
-            seen += 1
-            if seen == 2:
-                both.set()
-
-        admitted = [asyncio.ensure_future(synthesize(target, "", timeout=60, on_first_audio=audio,
-                                                     request_iter=requests(TEXT, config(seed=s), words=3, gap=0.03)))
-                    for s in (11, 12)]
-        await asyncio.wait_for(both.wait(), 30)
+        admitted = await start_streams(target, TEXT, (11, 12), gap=0.03)
         t0 = time.perf_counter()
         extra = await asyncio.gather(*(asyncio.to_thread(sync_synthesize, target, "Let me in.", timeout=10,
                                                          cfg=config(seed=s)) for s in range(6)))
@@ -74,10 +62,7 @@ def test_vocoder_limit_reaches_the_client_as_resource_exhausted(real_pair):
     target = pair.token.target
 
     async def scenario():
-        started = asyncio.Event()
-        first = asyncio.ensure_future(synthesize(target, "", timeout=60, on_first_audio=started.set,
-                                                 request_iter=requests(TEXT, config(seed=1), words=3, gap=0.03)))
-        await asyncio.wait_for(started.wait(), 30)
+        (first,) = await start_streams(target, TEXT, (1,), gap=0.03)
         second = await asyncio.to_thread(sync_synthesize, target, "Me too.", timeout=10)
         return await first, second
 

@@ -47,6 +47,11 @@ class EngineConfig:
     in groups of ``kv_first_group, kv_first_group, 2×, 4×, …`` slots the first time a group is
     needed (``kv_first_group=0``: all ``max_slots`` at start-up). ``preallocate_slots`` creates
     the groups covering that many slots (and captures their graphs) at start-up instead.
+
+    ``compile`` (off by default) runs the decode step through ``torch.compile``'d segments
+    (``t3.compiled``; inductor/Triton on CUDA, C++ on CPU) in mode ``compile_mode``; compiling
+    happens when a KV group is created, before its graph capture. A failure logs a warning and the
+    engine decodes eagerly (``stats()["compiled"]`` 0, ``compile_status`` says why).
     """
 
     model_dir: str | Path
@@ -64,6 +69,8 @@ class EngineConfig:
     kv_first_group: int = 8
     preallocate_slots: int = 0
     default_max_new_tokens: int = 1001  # upstream's max_gen_len=1000 -> at most 1001 samples
+    compile: bool = False  # torch.compile the decode step (opt-in, issue 6)
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (inductor never adds its own graphs)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -118,7 +125,8 @@ class LLMEngine:
         sizes = tuple(sorted(b for b in config.graph_batch_sizes if b < config.max_slots)) + (config.max_slots,)
         self.runner = ModelRunner(self.model, RunnerShape(config.max_slots, config.max_seq_len, sizes, config.kv_bucket,
                                                           config.cuda_graphs, config.kv_first_group,
-                                                          prefill_rows=max(1, min(config.prefill_rows, config.max_prefills_per_step))),
+                                                          prefill_rows=max(1, min(config.prefill_rows, config.max_prefills_per_step)),
+                                                          compile=config.compile, compile_mode=config.compile_mode),
                                   self.device, self.dtype)
         for i, g in enumerate(self.runner.groups):
             if g.start < min(config.preallocate_slots, config.max_slots):
@@ -169,7 +177,13 @@ class LLMEngine:
         with self._lock:
             running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
             return dict(active=running + waiting, running=running, waiting=waiting,
-                        free_slots=self.scheduler.free_slots, max_slots=self.config.max_slots, **self._counters)
+                        free_slots=self.scheduler.free_slots, max_slots=self.config.max_slots,
+                        compiled=int(self.runner.compiled is not None), **self._counters)
+
+    @property
+    def compile_status(self) -> str:
+        """``off`` | ``on`` | ``fallback: <why>`` (compile was asked for and failed; decoding eagerly)."""
+        return self.runner.compile_status
 
     def timings(self) -> dict[str, float]:
         """Engine-thread seconds spent in prefill / decode / emitting, and how many of each (profiling)."""

@@ -28,15 +28,24 @@ overwrite before anything attends to them. Longer texts, and CPU, prefill eagerl
 
 Inactive rows inside ``0 .. B-1`` compute garbage that is ignored; their position does not move
 (``positions += active``), so they never index past the cache.
+
+``RunnerShape.compile`` (opt-in) runs the decode step's model and sampler through
+``t3.compiled.CompiledDecode`` (``torch.compile``'d segments between attention calls). Each new
+group compiles them for every batch bucket in :meth:`ModelRunner.ensure_group`, before the graph
+capture's warm-up, so the captured graphs hold the Triton kernels. If compiling (or capturing the
+compiled step) fails, the runner logs a warning, records it in ``compile_status`` and goes on
+with the eager step; it never fails the engine for it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..t3.compiled import COMPILE_MODES, CompiledDecode
 from ..t3.config import START_SPEECH
 from ..t3.generate import decode_step, prefill
 from ..t3.model import KVCache, T3Model, prefill_attention_backends
@@ -73,6 +82,8 @@ class RunnerShape:
     topk_width: int = TOPK_WIDTH
     staged_prefill: bool | None = None  # padded staging-slot prefill; None = on CUDA only
     prefill_rows: int = 4  # sequences prefilled together in one staged run
+    compile: bool = False  # decode step through torch.compile'd segments (t3.compiled)
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
 
 
 @dataclass
@@ -109,6 +120,16 @@ class ModelRunner:
         self._true = torch.ones((), dtype=torch.bool, device=device)
         self.row_top_k = [V] * n  # host copy: picks the sampler path per step
         self.use_graphs = shape.cuda_graphs and device.type == "cuda"
+        self.compiled: CompiledDecode | None = None
+        self.compile_status = "off"  # off | on | fallback: <why> (eager step after a failure)
+        if shape.compile:
+            if shape.compile_mode not in COMPILE_MODES:
+                raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {shape.compile_mode!r}")
+            try:
+                self.compiled = CompiledDecode(model, shape.compile_mode)
+                self.compile_status = "on"
+            except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
+                self._compile_failed(e, "setting up torch.compile")
         self._pool = None  # one CUDA-graph memory pool for every group
         sizes = slot_groups(n, shape.first_group or n)
         self.groups: list[SlotGroup] = []
@@ -146,9 +167,22 @@ class ModelRunner:
         """Allocate group ``index``'s KV cache (and capture its graphs) if not done yet."""
         g = self.groups[index]
         if g.cache is None:
-            g.cache = KVCache(self.model.cfg, g.size, self.shape.max_seq_len, device=self.device, dtype=self.dtype)
+            # compiled segments guard on the cache's tensor kind: plain tensors for every group then;
+            # the default (eager step) path keeps the cache exactly as before
+            plain = torch.inference_mode(False) if self.compiled is not None else contextlib.nullcontext()
+            with plain:
+                g.cache = KVCache(self.model.cfg, g.size, self.shape.max_seq_len, device=self.device, dtype=self.dtype)
+            if self.compiled is not None:
+                self.warm_up_compiled(g)
             if self.use_graphs:
-                self.capture_graphs(g)
+                try:
+                    self.capture_graphs(g)
+                except Exception as e:  # noqa: BLE001
+                    if self.compiled is None:
+                        raise
+                    self._compile_failed(e, f"capturing the compiled decode step of slots {g.start}..")
+                    g.graphs.clear()
+                    self.capture_graphs(g)
             log.info("KV group %d: slots %d..%d allocated (%.2f GB)", index, g.start, g.start + g.size - 1,
                      g.cache.nbytes() / 1e9)
         return g
@@ -328,8 +362,18 @@ class ModelRunner:
     def _decode_body(self, g: SlotGroup, n: int, kv_len: int, fast: bool = True) -> None:
         """One decode step over rows ``0..n-1`` of group ``g``, entirely on the device (the captured region)."""
         a, b = g.start, g.start + n
-        logits = decode_step(self.model, g.cache, n, self.tokens[a:b], self.positions[a:b], kv_len)
-        tok = self._sample(logits, slice(a, b), fast)
+        cd = self.compiled
+        if cd is None:
+            logits = decode_step(self.model, g.cache, n, self.tokens[a:b], self.positions[a:b], kv_len)
+            tok = self._sample(logits, slice(a, b), fast)
+        else:
+            logits = cd.logits(g.cache, n, self.tokens[a:b], self.positions[a:b], kv_len)
+            if fast:
+                tok = cd.sample(logits, self.seen[a:b], self.temperature[a:b], self.top_k[a:b],
+                                self.top_p_threshold[a:b], self.top_p_on[a:b], self.penalty[a:b], self.seed[a:b],
+                                self.step[a:b], self.vhash, self.shape.topk_width)
+            else:
+                tok = self._sample(logits, slice(a, b), False)
         self.tokens[a:b] = tok
         self.sampled[a:b] = tok
         self.seen.index_put_((self.rows[a:b], tok), self._true)
@@ -355,6 +399,40 @@ class ModelRunner:
                 self._decode_body(g, n, kv_len, fast)
         return self.sampled[:max(s for s, _ in running) + 1].tolist()
 
+    # ------------------------------------------------------------------ torch.compile (opt-in)
+    def _compile_failed(self, err: BaseException, what: str) -> None:
+        """Give up on the compiled step: warn, record why, run the eager step from now on."""
+        self.compiled = None
+        self.compile_status = f"fallback: {what} failed: {type(err).__name__}: {str(err)[:300]}"
+        log.warning("T3 torch.compile disabled, decoding eagerly (%s)", self.compile_status, exc_info=err)
+
+    @torch.inference_mode()
+    def warm_up_compiled(self, g: SlotGroup) -> None:
+        """Compile the decode segments for every batch bucket of ``g`` (one step each over the group's
+        still idle rows, then their state is reset). Falls back to eager on any failure."""
+        import time
+
+        t0 = time.perf_counter()
+        kv_len = self._kv_buckets()[0]  # the segments do not depend on the KV bucket
+        try:
+            for n in g.batch_sizes:
+                self._decode_body(g, n, kv_len)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # noqa: BLE001
+            self._compile_failed(e, f"compiling the decode step for slots {g.start}..{g.start + g.size - 1}")
+        finally:
+            self._reset_rows(g)
+        if self.compiled is not None:
+            log.info("compiled T3 decode step for slots %d..%d (batch %s) in %.1f s", g.start, g.start + g.size - 1,
+                     list(g.batch_sizes), time.perf_counter() - t0)
+
+    def _reset_rows(self, g: SlotGroup) -> None:
+        rows = slice(g.start, g.start + g.size)
+        for t in (self.tokens, self.positions, self.active, self.step, self.sampled):
+            t[rows] = 0
+        self.seen[rows] = False
+
     # ------------------------------------------------------------------ CUDA graphs (CUDA only)
     @torch.inference_mode()
     def capture_graphs(self, g: SlotGroup) -> None:
@@ -378,9 +456,6 @@ class ModelRunner:
             self._pool = cg.pool()
             g.graphs[(n, kv_len)] = cg
         torch.cuda.synchronize(self.device)
-        rows = slice(g.start, g.start + g.size)
-        for t in (self.tokens, self.positions, self.active, self.step, self.sampled):
-            t[rows] = 0
-        self.seen[rows] = False
+        self._reset_rows(g)
         log.info("captured %d decode CUDA graphs for slots %d..%d (batch %s × kv %s)", len(keys), g.start,
                  g.start + g.size - 1, list(g.batch_sizes), self._kv_buckets())

@@ -175,14 +175,20 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
     for row in rows:
         b, win = row[0], row[1]
         tp = states[b].voice.n_prompt_tokens
-        key = ("padded", tp) if padded else ("exact", win.numel(), aheads[b].numel())
+        if padded:  # first chunks (short windows) get their own, narrower padded window: the first
+            # audio of a stream waits for nothing wider than it needs
+            short = win.numel() <= tp + config.first_chunk_tokens + model.cfg.pre_lookahead + config.extra_lookahead_tokens
+            key = ("padded", tp, short)
+        else:
+            key = ("exact", win.numel(), aheads[b].numel())
         groups.setdefault(key, []).append(row)
     for key, group in groups.items():
         idx = [r[0] for r in group]
         sts = [states[b] for b in idx]
         tp = sts[0].voice.n_prompt_tokens
         if key[0] == "padded":
-            width = tp + padded_window(model, config)
+            width = tp + (config.first_chunk_tokens + model.cfg.pre_lookahead + config.extra_lookahead_tokens
+                          if key[2] else padded_window(model, config))
             if max(r[1].numel() for r in group) > width:
                 raise ValueError(f"a flow window exceeds the padded width {width} (config {config})")
             tok = torch.zeros(len(group), width, dtype=torch.long)
