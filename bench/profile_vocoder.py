@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench-work")
     ap.add_argument("--json", default="")
     ap.add_argument("--graph-batch", type=int, default=32, help="largest batch captured as one graph")
+    ap.add_argument("--exact-windows", action="store_true", help="StreamConfig(pad_windows=False)")
     args = ap.parse_args()
     from export.demo_checkpoint import write_demo_checkpoint
     from vocoder_service.s3gen import streaming
@@ -54,10 +55,11 @@ def main() -> None:
     model, voices = load_vocoder(d, None, device=torch.device("cuda"))
     prepare_s3gen(model, dtype=args.dtype, cuda_graphs=True, graph_batch=args.graph_batch)
     voice = voices["default"]
+    cfg = streaming.StreamConfig(pad_windows=not args.exact_windows)
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
     for b in model.graphs.flow.batch_buckets:  # what each bucket adds to the graph pool
-        warm_up_streaming(model, voice, batch_sizes=(b,), n_tokens=args.tokens)
+        warm_up_streaming(model, voice, config=cfg, batch_sizes=(b,), n_tokens=args.tokens)
         torch.cuda.empty_cache()
         print(f"  captured bucket {b}: reserved {torch.cuda.memory_reserved() / 1e9:.2f} GB")
     print(f"warm-up (capture) {time.perf_counter() - t0:.1f} s; graphs {json.dumps(model.graphs.stats())[:300]}")
@@ -74,8 +76,19 @@ def main() -> None:
 
     results = {}
     gen = torch.Generator().manual_seed(1)
+    for b in batches:  # first chunk: b new sessions, 7 tokens each (first_chunk_tokens + look-ahead)
+        times = []
+        for rep in range(4):
+            sessions = [streaming.StreamingSession(model, voice, seed=100 * rep + i, config=cfg) for i in range(b)]
+            toks = torch.randint(0, 6561, (b, 7), generator=gen).tolist()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            streaming.push_batch(sessions, toks)
+            torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - t))
+        print(json.dumps({"batch": b, "first_chunk_ms": [round(x, 2) for x in times]}))
     for b in batches:
-        sessions = [streaming.StreamingSession(model, voice, seed=i) for i in range(b)]
+        sessions = [streaming.StreamingSession(model, voice, seed=i, config=cfg) for i in range(b)]
         toks = torch.randint(0, 6561, (b, args.tokens), generator=gen).tolist()
         streaming.push_batch(sessions, [t[:78] for t in toks])  # past the growing chunks: steady shape
         TIMES.clear()

@@ -27,6 +27,12 @@ class VocoderServiceConfig:
     cuda_graphs: bool = setting(False, "S3Gen streaming steps through CUDA graphs, one per chunk shape (CUDA only)")
     max_streams: int = setting(128, "concurrent Vocode sessions; more get RESOURCE_EXHAUSTED")
     max_batch: int = setting(64, "most sessions stepped together on the device")
+    hold_pushes: bool = setting(False, "sessions keep token pushes that cannot produce audio yet (fewer engine calls; "
+                                       "measured slower at 8 streams, docs/PERF.md)")
+    noise_on_host: bool = setting(True, "hash the flow / source noise on the host and copy it (false: on the device; "
+                                        "measured 5 ms slower first audio beside T3 on one GPU)")
+    pad_flow_windows: bool = setting(True, "pad every flow window (masked) to one shape, so sessions at different "
+                                           "stream phases share one flow batch; false: only equal shapes batch")
     graph_batch: int = setting(32, "largest batch captured as one CUDA graph (1, 2, 4, 8, 16, 32 or 64); larger "
                                    "batches replay it in slices. Sets the graph memory pool (cuda_graphs only)")
     drain_seconds: float = setting(20.0, "on SIGTERM: seconds in-flight streams may take to finish")

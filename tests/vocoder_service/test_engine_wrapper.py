@@ -156,7 +156,7 @@ def test_pushes_below_tokens_needed_stay_with_the_session():
         def tokens_needed(self):
             return 4 - self.pending
 
-    engine = VocoderEngine(lambda v, s: Chunky(v, s, log), ["default"])
+    engine = VocoderEngine(lambda v, s: Chunky(v, s, log), ["default"], hold_pushes=True)
 
     async def main():
         s = engine.open_session("default", seed=1)

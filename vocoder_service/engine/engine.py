@@ -87,6 +87,7 @@ class VocoderEngine:
         step_batch: optional batched push over several backend sessions.
         finish_batch: optional batched finish over several backend sessions.
         max_batch: most calls (sessions) taken into one step.
+        hold_pushes: sessions keep pushes below the backend's ``tokens_needed()`` (see BackendSession).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class VocoderEngine:
         step_batch: StepBatch | None = None,
         finish_batch: FinishBatch | None = None,
         max_batch: int = 64,
+        hold_pushes: bool = False,
     ):
         if not voices:
             raise ValueError("a vocoder engine needs at least one voice")
@@ -107,6 +109,7 @@ class VocoderEngine:
         self._step_batch = step_batch
         self._finish_batch = finish_batch
         self._max_batch = max_batch
+        self._hold = hold_pushes
         self._pending: list[_Call] = []
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -301,7 +304,7 @@ class VocoderSession:
         async with self._order:
             self._check_usable()
             self._held.extend(ids)
-            if len(self._held) < max(self._need, 1):
+            if self.engine._hold and len(self._held) < max(self._need, 1):
                 return np.zeros(0, np.float32)  # no audio before the backend has what it needs
             ids, self._held = self._held, []
             return await self.engine._submit(_Call(self, "push", ids))

@@ -21,7 +21,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True, max_batch: int = 64) -> VocoderEngine:
+def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True, max_batch: int = 64,
+                 hold_pushes: bool = False) -> VocoderEngine:
     """A VocoderEngine over ``StreamingSession``s of ``model`` (an S3GenModel) for ``voices`` (name -> VoiceCond).
 
     The voice named ``default`` (the model folder's conds.pt) comes first. A session without a seed
@@ -36,7 +37,8 @@ def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True, 
         return _TorchSession(StreamingSession(model, voices[voice], seed=seed, config=stream_config))
 
     return VocoderEngine(open_backend, names, step_batch=step_batch_s3gen() if batched else None,
-                         finish_batch=finish_batch_s3gen() if batched else None, max_batch=max_batch)
+                         finish_batch=finish_batch_s3gen() if batched else None, max_batch=max_batch,
+                         hold_pushes=hold_pushes)
 
 
 def step_batch_s3gen():
@@ -127,12 +129,18 @@ def load_engine(cfg) -> VocoderEngine:
         prepare_s3gen(model, dtype=dtype, cuda_graphs=graphs, graph_batch=graph_batch)
     except ValueError as exc:
         raise ConfigError(f"{exc} (--graph-batch / TTS_GRAPH_BATCH)") from None
-    engine = s3gen_engine(model, voices, max_batch=int(getattr(cfg, "max_batch", 64)))
+    from vocoder_service.s3gen.streaming import StreamConfig
+
+    stream_config = StreamConfig(pad_windows=bool(getattr(cfg, "pad_flow_windows", True)),
+                                 noise_on_host=bool(getattr(cfg, "noise_on_host", True)))
+    engine = s3gen_engine(model, voices, stream_config=stream_config, max_batch=int(getattr(cfg, "max_batch", 64)),
+                          hold_pushes=bool(getattr(cfg, "hold_pushes", False)))
     if graphs:  # capture the chunk shapes of the default voice now, not on the first streams
         from vocoder_service.s3gen.accel import warm_up_streaming
 
         t0 = time.perf_counter()
-        warm_up_streaming(model, voices[engine.default_voice], batch_sizes=model.graphs.flow.batch_buckets)
+        warm_up_streaming(model, voices[engine.default_voice], config=stream_config,
+                          batch_sizes=model.graphs.flow.batch_buckets)
         torch.cuda.empty_cache()  # the warm-up runs' blocks; the graphs keep their own pool
         log.info("vocoder CUDA graphs captured", extra={"seconds": round(time.perf_counter() - t0, 1),
                                                          "graphs": model.graphs.stats(),

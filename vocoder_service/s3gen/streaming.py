@@ -71,6 +71,7 @@ class StreamConfig:
     grow: bool = True              # later chunks double from first_chunk_tokens up to chunk_tokens
     extra_lookahead_tokens: int = 0  # right context beyond the encoder's own look-ahead (latency for quality)
     pad_windows: bool = True       # every flow window padded (masked) to one shape: all ready sessions, one flow batch
+    noise_on_host: bool = True     # hash the noise on the host and copy it (fewer small device kernels; measured faster)
 
     def __post_init__(self):
         if self.first_chunk_tokens < 1 or self.chunk_tokens < 1:
@@ -138,10 +139,17 @@ def _window(s: StreamState, chunk: torch.Tensor, ahead: torch.Tensor, config: St
     return torch.cat([s.prompt_tokens_cpu, ctx, chunk.cpu(), ahead.cpu()]), s.voice.n_prompt_frames + ratio * start, nctx
 
 
-def _flow_noise(states: Sequence[StreamState], starts: list[int], n_frames: int, n_mels: int, dev) -> torch.Tensor:
-    """(B, n_mels, Fp + n_frames): each row's prompt noise, then its noise from frame ``starts[b]`` on."""
+def _noise_device(config: StreamConfig, dev) -> torch.device:
+    return torch.device("cpu") if config.noise_on_host else dev
+
+
+def _flow_noise(states: Sequence[StreamState], starts: list[int], n_frames: int, n_mels: int, dev,
+                where: torch.device) -> torch.Tensor:
+    """(B, n_mels, Fp + n_frames): each row's prompt noise, then its noise from frame ``starts[b]`` on
+    (hashed on ``where``, returned on ``dev``)."""
     seeds = torch.tensor([s.noise.seed for s in states], dtype=torch.int64)
-    fresh = hashed_normal(stream_keys(seeds, MEL_STREAM).to(dev), torch.tensor(starts).to(dev), n_frames, n_mels)
+    fresh = hashed_normal(stream_keys(seeds, MEL_STREAM).to(where), torch.tensor(starts).to(where), n_frames,
+                          n_mels).to(dev)
     return torch.cat([_stack_equal([s.prompt_noise for s in states], "prompt noise"), fresh], dim=2)
 
 
@@ -186,6 +194,8 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
         idx = [r[0] for r in group]
         sts = [states[b] for b in idx]
         tp = sts[0].voice.n_prompt_tokens
+        if key[0] == "padded" and len({(r[1].numel(), aheads[r[0]].numel()) for r in group}) == 1:
+            key = ("exact",)  # nothing to pad (e.g. first chunks): the unmasked path (flash attention) is faster
         if key[0] == "padded":
             width = tp + (config.first_chunk_tokens + model.cfg.pre_lookahead + config.extra_lookahead_tokens
                           if key[2] else padded_window(model, config))
@@ -196,7 +206,8 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
                 tok[k, :r[1].numel()] = r[1]
             tok_len = torch.tensor([r[1].numel() for r in group])
             mel_len = ratio * (tok_len - torch.tensor([aheads[b].numel() for b in idx]))
-            noise = _flow_noise(sts, [r[2] for r in group], ratio * (width - tp), cfg.n_mels, dev)
+            noise = _flow_noise(sts, [r[2] for r in group], ratio * (width - tp), cfg.n_mels, dev,
+                                _noise_device(config, dev))
             feat = torch.cat([s.voice.prompt_feat for s in sts])
             spk = torch.cat([s.spk for s in sts])
             mel = flow_padded_fn(model)(tok.to(dev), feat, spk, noise, tok_len.to(dev), mel_len.to(dev))
@@ -206,7 +217,8 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
         else:
             la = aheads[idx[0]].numel()
             tok = torch.stack([r[1] for r in group]).to(dev)
-            noise = _flow_noise(sts, [r[2] for r in group], ratio * (tok.size(1) - tp), cfg.n_mels, dev)
+            noise = _flow_noise(sts, [r[2] for r in group], ratio * (tok.size(1) - tp), cfg.n_mels, dev,
+                                _noise_device(config, dev))
             feat = torch.cat([s.voice.prompt_feat for s in sts])
             spk = torch.cat([s.spk for s in sts])
             mel = flow_fn(model)(tok, feat, spk, noise, drop_tail_frames=ratio * la)
@@ -248,7 +260,9 @@ def hift_rows(model: S3GenModel, states: Sequence[StreamState], mel: torch.Tenso
     total = mel_in.size(2)
     f0 = f0_fn(model)(mel_in)[:, h * hop:]  # new part only: (B, (total-h)*hop)
     first = torch.tensor([s.emitted * hop for s in states], dtype=torch.int64)
-    src_noise = hashed_normal(stream_keys(seeds, SOURCE_STREAM).to(dev), first.to(dev), f0.size(1), cfg.hift_harmonics + 1)
+    where = _noise_device(config, dev)
+    src_noise = hashed_normal(stream_keys(seeds, SOURCE_STREAM).to(where), first.to(where), f0.size(1),
+                              cfg.hift_harmonics + 1).to(dev)
     rnd = SourceNoise(torch.stack([s.phase for s in states]), src_noise)
     cycles0 = torch.stack([s.cycles for s in states])
     src_new, _ = model.mel2wav.m_source(f0, rnd, cycles0)
