@@ -194,8 +194,6 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
         idx = [r[0] for r in group]
         sts = [states[b] for b in idx]
         tp = sts[0].voice.n_prompt_tokens
-        if key[0] == "padded" and len({(r[1].numel(), aheads[r[0]].numel()) for r in group}) == 1:
-            key = ("exact",)  # nothing to pad (e.g. first chunks): the unmasked path (flash attention) is faster
         if key[0] == "padded":
             width = tp + (config.first_chunk_tokens + model.cfg.pre_lookahead + config.extra_lookahead_tokens
                           if key[2] else padded_window(model, config))
