@@ -209,3 +209,11 @@ def test_push_batch_mixes_stream_phases_in_one_flow_batch(tiny_model, tiny_voice
     ends = finish_batch([sa, sb])
     torch.testing.assert_close(torch.cat(out_a + [ends[0]]), solo_a, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat(out_b + [ends[1]]), solo_b, rtol=1e-4, atol=1e-5)
+
+
+def test_exact_windows_and_host_noise_give_the_same_audio(tiny_model, tiny_voice, tokens):
+    # the tuning switches change how a step is computed, never what it computes
+    ref = stream(tiny_model, tiny_voice, tokens[:90], [9], seed=4)[0]
+    for cfg in (StreamConfig(pad_windows=False), StreamConfig(noise_on_host=True)):
+        got = stream(tiny_model, tiny_voice, tokens[:90], [9], seed=4, config=cfg)[0]
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

@@ -98,7 +98,7 @@ class VocoderEngine:
         step_batch: StepBatch | None = None,
         finish_batch: FinishBatch | None = None,
         max_batch: int = 64,
-        hold_pushes: bool = False,
+        hold_pushes: bool = True,
     ):
         if not voices:
             raise ValueError("a vocoder engine needs at least one voice")

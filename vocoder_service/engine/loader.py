@@ -22,7 +22,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True, max_batch: int = 64,
-                 hold_pushes: bool = False) -> VocoderEngine:
+                 hold_pushes: bool = True) -> VocoderEngine:
     """A VocoderEngine over ``StreamingSession``s of ``model`` (an S3GenModel) for ``voices`` (name -> VoiceCond).
 
     The voice named ``default`` (the model folder's conds.pt) comes first. A session without a seed
@@ -132,9 +132,9 @@ def load_engine(cfg) -> VocoderEngine:
     from vocoder_service.s3gen.streaming import StreamConfig
 
     stream_config = StreamConfig(pad_windows=bool(getattr(cfg, "pad_flow_windows", True)),
-                                 noise_on_host=bool(getattr(cfg, "noise_on_host", True)))
+                                 noise_on_host=bool(getattr(cfg, "noise_on_host", False)))
     engine = s3gen_engine(model, voices, stream_config=stream_config, max_batch=int(getattr(cfg, "max_batch", 64)),
-                          hold_pushes=bool(getattr(cfg, "hold_pushes", False)))
+                          hold_pushes=bool(getattr(cfg, "hold_pushes", True)))
     if graphs:  # capture the chunk shapes of the default voice now, not on the first streams
         from vocoder_service.s3gen.accel import warm_up_streaming
 
