@@ -777,6 +777,8 @@ def main() -> None:
     ap.add_argument("--sections", default="upstream,t3,accuracy,s3gen,services")
     ap.add_argument("--vocoder-flags", default="--dtype float16 --cuda-graphs true",
                     help="services section on the GPU: the vocoder's engine settings (fastest accurate variant)")
+    ap.add_argument("--token-flags", default="", help="services section: extra token-service flags "
+                    "(e.g. \"--vocoder-min-tokens 8 --vocoder-max-wait-ms 4\")")
     ap.add_argument("--level-time-s", type=float, default=20.0, help="services sweep: seconds per level")
     ap.add_argument("--stack-dump-s", type=float, default=120.0)
     ap.add_argument("--t3-compile", choices=("auto", "on", "off"), default="auto",
@@ -816,7 +818,8 @@ def main() -> None:
 
         section("services")(services_section)(model_dir, sweep, RESULTS, level_time_s=args.level_time_s,
                                               log_dir=out / "service-logs",
-                                              vocoder_flags=args.vocoder_flags.split() if DEVICE == "cuda" else [])
+                                              vocoder_flags=args.vocoder_flags.split() if DEVICE == "cuda" else [],
+                                              token_flags=args.token_flags.split())
     print(report(out))
 
 

@@ -597,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def services_section(model_dir: Path, sweep: list[int], results: dict, *, device: str | None = None,
                      max_new_tokens: int | None = None, c1_requests: int = 20, level_time_s: float | None = None,
                      log_dir: Path | None = None, ready_timeout_s: float = 900.0,
-                     vocoder_flags: list[str] | None = None) -> None:
+                     vocoder_flags: list[str] | None = None, token_flags: list[str] | None = None) -> None:
     """Both services as processes on ``device`` (default: cuda if available, else cpu), then measure.
 
     Writes ``results["services"]``: ``ttfa_c1_p50_ms`` / ``ttfa_c1_p90_ms`` (concurrency 1,
@@ -626,7 +626,9 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     top = max(sweep)
     # KV slots are static memory: size them to what a stream needs (voice prefix + text + speech tokens).
     max_seq_len = 768  # 376-position voice prefix + text (<= 320 tokens) + max_new_tokens
-    token_flags = ["--max-new-tokens", str(max_new_tokens), "--max-seq-len", str(max_seq_len), "--kv-slots", str(top)]
+    extra_token_flags = list(token_flags or [])
+    token_flags = ["--max-new-tokens", str(max_new_tokens), "--max-seq-len", str(max_seq_len), "--kv-slots", str(top),
+                   *extra_token_flags]
     spec = StreamSpec(max_new_tokens=max_new_tokens, deadline_s=120.0 if on_gpu else 90.0)
     out: dict[str, Any] = {"config": {"device": device, "max_streams": top, "kv_slots": top, "max_seq_len": max_seq_len,
                                       "max_new_tokens_per_sentence": max_new_tokens, "words_per_piece": spec.words_per_piece,
@@ -635,6 +637,7 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
         out["skipped_levels_on_cpu"] = skipped
     results["services"] = out
     out["config"]["vocoder_flags"] = list(vocoder_flags or [])
+    out["config"]["token_flags"] = extra_token_flags
     procs = ServiceProcesses(Path(model_dir), device=device, max_streams=top, token_flags=token_flags,
                              vocoder_flags=list(vocoder_flags or []), log_dir=log_dir, ready_timeout_s=ready_timeout_s)
     t0 = time.perf_counter()

@@ -19,6 +19,9 @@ class TokenServiceConfig:
     model_dir: str = setting(REQUIRED, "model folder (upstream layout: t3_turbo_v1.safetensors, conds.pt, tokenizer files)")
     voices_dir: str | None = setting(None, "extra voices as <name>.pt (conds.pt format); default <model-dir>/voices (if it exists)")
     vocoder_target: str = setting("localhost:50052", "host:port of the vocoder service")
+    vocoder_min_tokens: int = setting(1, "a token message to the vocoder waits until it holds this many tokens "
+                                         "(at most vocoder_max_wait_ms); 1 = send as they come")
+    vocoder_max_wait_ms: float = setting(0.0, "longest wait for vocoder_min_tokens, in ms (0 = no wait)")
     engine: str = setting("pytorch", "T3 engine backend", choices=TOKEN_ENGINES)
     engine_dir: str | None = setting(None, "TensorRT-LLM engine folder (engine=trtllm)")
     device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:N")
@@ -42,6 +45,6 @@ class TokenServiceConfig:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)} (--log-level / TTS_LOG_LEVEL)")
         if self.engine == "trtllm" and not self.engine_dir:
             raise ConfigError("engine=trtllm needs --engine-dir / TTS_ENGINE_DIR")
-        check_positive(self, "max_streams", "max_text_chars", "max_new_tokens", "max_message_bytes")
-        check_positive(self, "drain_seconds", "kv_slots", allow_zero=True)
+        check_positive(self, "max_streams", "max_text_chars", "max_new_tokens", "max_message_bytes", "vocoder_min_tokens")
+        check_positive(self, "drain_seconds", "kv_slots", "vocoder_max_wait_ms", allow_zero=True)
         check_positive(self, "max_seq_len")

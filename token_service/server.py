@@ -84,6 +84,9 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
         engine: the T3 engine (``voices``, ``tokenize``, ``generate``, ``stats``).
         vocoder_channel: a ``grpc.aio.Channel`` to the vocoder service.
         vocoder_target: its address, for error messages.
+        vocoder_min_tokens / vocoder_max_wait_ms: a token message to the vocoder waits (at most
+            ``vocoder_max_wait_ms``) until it holds ``vocoder_min_tokens`` tokens; the end of the
+            input sends at once. 1 / 0: every token chunk goes out as it comes.
         make_sampling: ``(**fields) -> SamplingParams`` of the engine; default the engine's class.
     """
 
@@ -98,8 +101,12 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
         max_text_chars: int = 20000,
         max_new_tokens: int = 1000,
         make_sampling: Callable[..., Any] | None = None,
+        vocoder_min_tokens: int = 1,
+        vocoder_max_wait_ms: float = 0.0,
     ):
         self.engine = engine
+        self.vocoder_min_tokens = max(1, vocoder_min_tokens)
+        self.vocoder_max_wait_s = max(0.0, vocoder_max_wait_ms) / 1000
         self.vocoder = vocoder_service_pb2_grpc.VocoderServiceStub(vocoder_channel)
         self.vocoder_target = vocoder_target
         self.telemetry = telemetry or Telemetry("token-service")
@@ -477,6 +484,8 @@ class _Synthesis:
                         held = nxt
                         break
                     msg.tokens.token_ids.extend(nxt.tokens.token_ids)
+                if held is _NOTHING and msg.WhichOneof("kind") == "tokens":
+                    held = await self._gather_tokens(msg)
                 yield msg
 
         self.call = self.s.vocoder.Vocode(
@@ -484,6 +493,28 @@ class _Synthesis:
             timeout=self.context.time_remaining(),  # gRPC does not carry deadlines on by itself
             metadata=outgoing_metadata(ctx=trace.set_span_in_context(self.vocoder_span)),
         )
+
+    async def _gather_tokens(self, msg) -> Any:
+        """Extend the token message ``msg`` in place until it holds ``vocoder_min_tokens`` tokens or
+        ``vocoder_max_wait_ms`` passed (fewer, larger messages for the vocoder: each costs it a
+        gRPC read and an engine call). Returns a non-token message that ended the wait, else _NOTHING."""
+        need, wait = self.s.vocoder_min_tokens, self.s.vocoder_max_wait_s
+        if len(msg.tokens.token_ids) >= need or wait <= 0:
+            return _NOTHING
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while len(msg.tokens.token_ids) < need:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:  # a cancelled get() leaves its item in the queue (it is taken only after the wait)
+                nxt = await asyncio.wait_for(self.to_vocoder.get(), left)
+            except asyncio.TimeoutError:
+                break
+            if nxt is None or nxt.WhichOneof("kind") != "tokens":
+                return nxt  # a sentence's silence / end of input: send what we have, then it
+            msg.tokens.token_ids.extend(nxt.tokens.token_ids)
+        return _NOTHING
 
     async def _relay(self) -> None:
         synth = token_service_pb2
@@ -617,7 +648,8 @@ async def start_server(cfg, engine, telemetry: Telemetry, make_sampling=None) ->
     ])
     servicer = TokenServicer(engine, channel, vocoder_target=cfg.vocoder_target, telemetry=telemetry,
                              max_streams=cfg.max_streams, max_text_chars=cfg.max_text_chars,
-                             max_new_tokens=cfg.max_new_tokens, make_sampling=make_sampling)
+                             max_new_tokens=cfg.max_new_tokens, make_sampling=make_sampling,
+                             vocoder_min_tokens=cfg.vocoder_min_tokens, vocoder_max_wait_ms=cfg.vocoder_max_wait_ms)
     server = ServiceServer("token-service", cfg.listen, cfg.max_message_bytes, [SERVICE_NAME])
     server.admissions.append(servicer.admission)
     server.on_stop.append(channel.close)

@@ -375,3 +375,22 @@ def test_invalid_utf8_and_message_size_limit(make_pair):
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in msg
         pair.assert_idle()
         assert synthesize(ch, "Fine.", make_config(), timeout=10).summary.audio_samples > 0
+
+
+def test_gathered_token_messages_same_audio_fewer_vocoder_calls(make_pair):
+    # the fake T3 yields 1 token a step every 2 ms; gathering 8 tokens per message (waiting at most
+    # 50 ms) must give the same audio with far fewer vocoder engine calls
+    def run(**token_cfg):
+        vocoder = fake_vocoder_engine()
+        pair = make_pair(token_engine=FakeTokenEngine(chunk=1, step_delay=0.002), vocoder_engine=vocoder,
+                         token_cfg=token_cfg)
+        with grpc.insecure_channel(pair.token.target) as ch:
+            r = synthesize(ch, TEXT, make_config(encoding="float32", seed=3))
+        pair.assert_idle()
+        return r.audio(), vocoder.stats()["steps"], r.summary.speech_tokens
+
+    plain, plain_steps, n = run()
+    gathered, gathered_steps, n2 = run(vocoder_min_tokens=8, vocoder_max_wait_ms=50)
+    np.testing.assert_array_equal(gathered, plain)
+    assert n == n2 and plain_steps > n / 2  # one call per token (or close) without gathering
+    assert gathered_steps <= n / 8 + 6, (gathered_steps, n)  # ~8 tokens a call (+ sentence ends, finish)
