@@ -31,7 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
+from tts_common.hashing import MASK32, hash32
+
+_MASK32 = MASK32
+_hash32 = hash32  # the shared mix (tts_common.hashing)
 
 
 @dataclass(frozen=True)
@@ -134,15 +137,6 @@ def process_logits_topk(logits: Tensor, seen: Tensor, temperature: Tensor, top_k
     p = penalty[:, None]
     penalised = torch.where(s < 0, s * p, s / p)
     return torch.where(seen, penalised, s)
-
-
-def _hash32(x: Tensor) -> Tensor:
-    """A 32-bit integer mix ("lowbias32") on int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
 
 
 def hashed_uniform(seed: Tensor, step: Tensor, vocab_hash: Tensor) -> Tensor:

@@ -18,17 +18,11 @@ import math
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
+from tts_common.hashing import MASK32, hash32
+
+_MASK32 = MASK32
+_hash32 = hash32  # the mix T3's sampler uses too (tts_common.hashing)
 MEL_STREAM, SOURCE_STREAM, PHASE_STREAM = 1, 2, 3
-
-
-def _hash32(x: Tensor) -> Tensor:
-    """lowbias32 on int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
 
 
 def stream_keys(seeds: Tensor, stream: int) -> Tensor:

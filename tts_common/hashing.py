@@ -1,0 +1,21 @@
+"""Counter-based hashing on int64 tensors: the random numbers both services draw without RNG state.
+
+T3's sampler (``token_service.t3.sampling``) and S3Gen's positional noise
+(``vocoder_service.s3gen.noise``) need numbers that are a pure function of (seed, counter), equal
+on every device and inside CUDA graphs. Both use this mix on int64 tensors holding 32-bit values
+(products wrap in two's complement on CPU and CUDA; the mask keeps the low 32 bits).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: Tensor) -> Tensor:
+    """"lowbias32" (a 32-bit integer mix) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
