@@ -171,3 +171,38 @@ def test_pushes_below_tokens_needed_stay_with_the_session():
     assert [t for _, ids in log for t in ids] == list(range(10))  # in order
     assert engine.stats()["steps"] == 5  # 4 pushes + finish, not 10 pushes
     engine.shutdown()
+
+
+def test_failed_batched_finish_fails_each_caller_and_frees_every_session():
+    log = []
+
+    def step_batch(backends, token_lists):
+        return [b.push(t) for b, t in zip(backends, token_lists)]
+
+    def finish_batch(backends):
+        raise RuntimeError("device lost")
+
+    gate = threading.Event()
+
+    def open_backend(v, s):
+        gate.wait(5)
+        return Backend(v, s, log)
+
+    engine = VocoderEngine(open_backend, ["default"], step_batch=step_batch, finish_batch=finish_batch)
+
+    async def main():
+        sessions = [engine.open_session("default", seed=i) for i in range(3)]
+        pushes = [asyncio.ensure_future(s.push([1, 2])) for s in sessions]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*pushes)
+        ends = await asyncio.gather(*(s.finish() for s in sessions), return_exceptions=True)
+        for s in sessions:
+            s.close()
+        await asyncio.sleep(0.05)
+        return ends
+
+    ends = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) and "device lost" in str(e) for e in ends), ends
+    assert engine.stats()["active_sessions"] == 0
+    engine.shutdown()
