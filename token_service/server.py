@@ -478,13 +478,7 @@ class _Synthesis:
                 held = _NOTHING
                 if msg is None:  # end of the queue
                     return
-                while msg.WhichOneof("kind") == "tokens" and not self.to_vocoder.empty():
-                    nxt = self.to_vocoder.get_nowait()
-                    if nxt is None or nxt.WhichOneof("kind") != "tokens":
-                        held = nxt
-                        break
-                    msg.tokens.token_ids.extend(nxt.tokens.token_ids)
-                if held is _NOTHING and msg.WhichOneof("kind") == "tokens":
+                if msg.WhichOneof("kind") == "tokens":
                     held = await self._gather_tokens(msg)
                 yield msg
 
@@ -495,9 +489,15 @@ class _Synthesis:
         )
 
     async def _gather_tokens(self, msg) -> Any:
-        """Extend the token message ``msg`` in place until it holds ``vocoder_min_tokens`` tokens or
-        ``vocoder_max_wait_ms`` passed (fewer, larger messages for the vocoder: each costs it a
-        gRPC read and an engine call). Returns a non-token message that ended the wait, else _NOTHING."""
+        """Extend the token message ``msg`` in place: first with every token chunk already queued,
+        then, below ``vocoder_min_tokens`` tokens, with chunks arriving within ``vocoder_max_wait_ms``
+        (fewer, larger messages for the vocoder: each costs it a gRPC read and an engine call).
+        Returns the non-token message (or the queue's end, None) that stopped it, else _NOTHING."""
+        while not self.to_vocoder.empty():
+            nxt = self.to_vocoder.get_nowait()
+            if nxt is None or nxt.WhichOneof("kind") != "tokens":
+                return nxt
+            msg.tokens.token_ids.extend(nxt.tokens.token_ids)
         need, wait = self.s.vocoder_min_tokens, self.s.vocoder_max_wait_s
         if len(msg.tokens.token_ids) >= need or wait <= 0:
             return _NOTHING

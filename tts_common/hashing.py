@@ -7,6 +7,7 @@ on every device and inside CUDA graphs. Both use this mix on int64 tensors holdi
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 MASK32 = 0xFFFFFFFF
@@ -19,3 +20,14 @@ def hash32(x: Tensor) -> Tensor:
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & MASK32
     return x ^ (x >> 16)
+
+
+def bits_to_unit(bits: Tensor) -> Tensor:
+    """32-bit hashes -> float32 strictly inside (0, 1): ``(k + 0.5) / 2**23`` for the top 23 bits ``k``.
+
+    23 bits, not 24: ``(2**24 - 0.5) / 2**24`` rounds to exactly 1.0 in float32, and ``-log(1) = 0``
+    would turn ``p / E`` into ``0 / 0 = NaN`` for a filtered-out token in T3's sampler, which
+    ``argmax`` then picks (seen as a wrong greedy token once in ~40 CI runs' worth of draws), and
+    ``log(1) = 0`` would make Box-Muller's radius 0 in the vocoder's noise.
+    """
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))

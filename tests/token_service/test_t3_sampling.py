@@ -27,11 +27,16 @@ def _upstream_processors(temperature, top_k, top_p, penalty):
     return procs
 
 
-def _ours(logits, seen, params):
+def _columns(params) -> tuple[torch.Tensor, ...]:
+    """Per-row sampling settings as the engine keeps them: temperature, top_k, top_p threshold, top_p on, penalty."""
     rows = [row_values(p, V) for p in params]
     f = lambda key, dt: torch.tensor([r[key] for r in rows], dtype=dt)  # noqa: E731
-    return process_logits(logits, seen, f("temperature", torch.float32), f("top_k", torch.long),
-                          f("top_p_threshold", torch.float32), f("top_p_on", torch.bool), f("penalty", torch.float32))
+    return (f("temperature", torch.float32), f("top_k", torch.long), f("top_p_threshold", torch.float32),
+            f("top_p_on", torch.bool), f("penalty", torch.float32))
+
+
+def _ours(logits, seen, params):
+    return process_logits(logits, seen, *_columns(params))
 
 
 @pytest.mark.upstream
@@ -105,11 +110,7 @@ def test_bad_sampling_params_name_the_field(kwargs, word):
 
 def _fast(logits, seen, params, width=1024):
     from token_service.t3.sampling import process_logits_topk
-    rows = [row_values(p, V) for p in params]
-    f = lambda key, dt: torch.tensor([r[key] for r in rows], dtype=dt)  # noqa: E731
-    return process_logits_topk(logits, seen, f("temperature", torch.float32), f("top_k", torch.long),
-                               f("top_p_threshold", torch.float32), f("top_p_on", torch.bool),
-                               f("penalty", torch.float32), width)
+    return process_logits_topk(logits, seen, *_columns(params), width)
 
 
 def test_topk_fast_path_equals_full_sort_path():

@@ -31,10 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tts_common.hashing import MASK32, hash32
+from tts_common.hashing import MASK32, bits_to_unit, hash32
 
-_MASK32 = MASK32
-_hash32 = hash32  # the shared mix (tts_common.hashing)
 
 
 @dataclass(frozen=True)
@@ -142,25 +140,15 @@ def process_logits_topk(logits: Tensor, seen: Tensor, temperature: Tensor, top_k
 def hashed_uniform(seed: Tensor, step: Tensor, vocab_hash: Tensor) -> Tensor:
     """Uniform ``(B, V)`` float32 in (0, 1), a pure function of (seed, step, token id).
 
-    ``seed``, ``step``: ``(B,)`` int64 (seed < 2**32); ``vocab_hash``: ``(V,)`` = ``_hash32(arange(V))``.
+    ``seed``, ``step``: ``(B,)`` int64 (seed < 2**32); ``vocab_hash``: ``(V,)`` = ``hash32(arange(V))``.
     """
-    key = _hash32(_hash32(seed ^ 0x9E3779B9) ^ (step & _MASK32))  # (B,)
-    bits = _hash32(key[:, None] ^ vocab_hash[None, :])  # (B, V)
+    key = hash32(hash32(seed ^ 0x9E3779B9) ^ (step & MASK32))  # (B,)
+    bits = hash32(key[:, None] ^ vocab_hash[None, :])  # (B, V)
     return bits_to_unit(bits)
 
 
-def bits_to_unit(bits: Tensor) -> Tensor:
-    """32-bit hashes -> float32 strictly inside (0, 1): ``(k + 0.5) / 2**23`` for the top 23 bits ``k``.
-
-    23 bits, not 24: ``(2**24 - 0.5) / 2**24`` rounds to exactly 1.0 in float32, and ``-log(1) = 0``
-    would turn ``p / E`` into ``0 / 0 = NaN`` for a filtered-out token, which ``argmax`` then picks
-    (seen as a wrong greedy token once in ~40 CI runs' worth of draws).
-    """
-    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
-
-
 def vocab_hash(vocab: int, device: torch.device | str) -> Tensor:
-    return _hash32(torch.arange(vocab, dtype=torch.int64, device=device) * 0x632BE5AB & _MASK32)
+    return hash32(torch.arange(vocab, dtype=torch.int64, device=device) * 0x632BE5AB & MASK32)
 
 
 def sample(probs: Tensor, seed: Tensor, step: Tensor, vhash: Tensor) -> Tensor:
@@ -171,4 +159,4 @@ def sample(probs: Tensor, seed: Tensor, step: Tensor, vhash: Tensor) -> Tensor:
 
 def seed32(seed: int) -> int:
     """Fold any Python int seed into 32 bits."""
-    return (seed ^ (seed >> 32)) & _MASK32
+    return (seed ^ (seed >> 32)) & MASK32

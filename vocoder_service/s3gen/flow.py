@@ -74,13 +74,18 @@ class TokenToMel(nn.Module):
         if drop_tail_frames:
             h = h[:, :-drop_tail_frames]
         mu = self.encoder_proj(h).transpose(1, 2)  # (B, n_mels, F), the weights' dtype
-        Fr = mu.size(2)
-        Fp = prompt_feat.size(1)
-        cond = torch.zeros_like(mu)
-        cond[:, :, :Fp] = prompt_feat.transpose(1, 2).to(mu.dtype)
+        Fr, Fp = mu.size(2), prompt_feat.size(1)
+        cond = self._prompt_cond(mu, prompt_feat)
         # no padded frame in a flow window: mask None (== all ones, fewer kernels, flash attention)
         mel = self.decoder(noise[:, :, :Fr], mu, None, spk, cond, n_steps)
         return mel[:, :, Fp:]
+
+    @staticmethod
+    def _prompt_cond(mu: torch.Tensor, prompt_feat: torch.Tensor) -> torch.Tensor:
+        """The decoder's condition: the prompt mel in the first Fp frames, zeros after: like ``mu``."""
+        cond = torch.zeros_like(mu)
+        cond[:, :, :prompt_feat.size(1)] = prompt_feat.transpose(1, 2).to(mu.dtype)
+        return cond
 
     def forward_padded(self, tokens: torch.Tensor, prompt_feat: torch.Tensor, spk: torch.Tensor, noise: torch.Tensor,
                        token_lengths: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
@@ -97,8 +102,7 @@ class TokenToMel(nn.Module):
         h = self.encoder(self.input_embedding(tokens), token_lengths)
         mu = self.encoder_proj(h).transpose(1, 2)  # (B, n_mels, F)
         Fr, Fp = mu.size(2), prompt_feat.size(1)
-        cond = torch.zeros_like(mu)
-        cond[:, :, :Fp] = prompt_feat.transpose(1, 2).to(mu.dtype)
+        cond = self._prompt_cond(mu, prompt_feat)
         mask = (torch.arange(Fr, device=mu.device) < mel_lengths[:, None]).unsqueeze(1).to(mu.dtype)  # (B, 1, F)
         mel = self.decoder(noise[:, :, :Fr], mu, mask, spk, cond)
         return mel[:, :, Fp:]

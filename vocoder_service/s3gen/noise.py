@@ -18,22 +18,15 @@ import math
 import torch
 from torch import Tensor
 
-from tts_common.hashing import MASK32, hash32
+from tts_common.hashing import MASK32, bits_to_unit, hash32
 
-_MASK32 = MASK32
-_hash32 = hash32  # the mix T3's sampler uses too (tts_common.hashing)
 MEL_STREAM, SOURCE_STREAM, PHASE_STREAM = 1, 2, 3
 
 
 def stream_keys(seeds: Tensor, stream: int) -> Tensor:
     """(B,) int64 seeds (any non-negative int64) -> (B,) 32-bit keys of one noise stream."""
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    return _hash32(_hash32(lo ^ 0x9E3779B9) ^ _hash32(hi ^ (stream * 0x85EBCA6B & _MASK32)))
-
-
-def _unit(bits: Tensor) -> Tensor:
-    """32-bit hashes -> float32 strictly inside (0, 1) (top 23 bits, centred)."""
-    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    lo, hi = seeds & MASK32, (seeds >> 32) & MASK32
+    return hash32(hash32(lo ^ 0x9E3779B9) ^ hash32(hi ^ (stream * 0x85EBCA6B & MASK32)))
 
 
 def hashed_normal(keys: Tensor, start: Tensor, length: int, rows: int) -> Tensor:
@@ -46,15 +39,15 @@ def hashed_normal(keys: Tensor, start: Tensor, length: int, rows: int) -> Tensor
     pos = start.view(-1, 1, 1) + torch.arange(length, device=dev, dtype=torch.int64).view(1, 1, -1)
     counter = pos * rows + torch.arange(rows, device=dev, dtype=torch.int64).view(1, -1, 1)  # < 2**40
     k = keys.view(-1, 1, 1)
-    a = _hash32(_hash32((counter & _MASK32) ^ k) ^ (counter >> 32))
-    b = _hash32(a ^ 0x68E31DA4)
-    return torch.sqrt(-2.0 * torch.log(_unit(a))) * torch.cos((2.0 * math.pi) * _unit(b))
+    a = hash32(hash32((counter & MASK32) ^ k) ^ (counter >> 32))
+    b = hash32(a ^ 0x68E31DA4)
+    return torch.sqrt(-2.0 * torch.log(bits_to_unit(a))) * torch.cos((2.0 * math.pi) * bits_to_unit(b))
 
 
 def hashed_uniform_rows(keys: Tensor, rows: int) -> Tensor:
     """Uniforms in (0, 1): ``(B, rows)`` (position 0 of each row)."""
     counter = torch.arange(rows, device=keys.device, dtype=torch.int64).view(1, -1)
-    return _unit(_hash32(_hash32(counter ^ keys.view(-1, 1))))
+    return bits_to_unit(hash32(hash32(counter ^ keys.view(-1, 1))))
 
 
 class PositionalNoise:

@@ -139,24 +139,36 @@ def _window(s: StreamState, chunk: torch.Tensor, ahead: torch.Tensor, config: St
     return torch.cat([s.prompt_tokens_cpu, ctx, chunk.cpu(), ahead.cpu()]), s.voice.n_prompt_frames + ratio * start, nctx
 
 
-def _noise_device(config: StreamConfig, dev) -> torch.device:
-    return torch.device("cpu") if config.noise_on_host else dev
-
-
-def _flow_noise(states: Sequence[StreamState], starts: list[int], n_frames: int, n_mels: int, dev,
-                where: torch.device) -> torch.Tensor:
-    """(B, n_mels, Fp + n_frames): each row's prompt noise, then its noise from frame ``starts[b]`` on
-    (hashed on ``where``, returned on ``dev``)."""
+def _batch_noise(states: Sequence[StreamState], stream: int, starts: Sequence[int], length: int, rows: int,
+                 config: StreamConfig, dev) -> torch.Tensor:
+    """Every row's positional noise of ``stream`` from position ``starts[b]`` on: (B, rows, length) on
+    ``dev``, hashed there (or on the host with ``config.noise_on_host``)."""
+    where = torch.device("cpu") if config.noise_on_host else dev
     seeds = torch.tensor([s.noise.seed for s in states], dtype=torch.int64)
-    fresh = hashed_normal(stream_keys(seeds, MEL_STREAM).to(where), torch.tensor(starts).to(where), n_frames,
-                          n_mels).to(dev)
+    keys = stream_keys(seeds, stream).to(where)
+    return hashed_normal(keys, torch.tensor(starts, dtype=torch.int64).to(where), length, rows).to(dev)
+
+
+def _flow_noise(states: Sequence[StreamState], starts: list[int], n_frames: int, n_mels: int, config: StreamConfig,
+                dev) -> torch.Tensor:
+    """(B, n_mels, Fp + n_frames): each row's prompt noise, then its noise from frame ``starts[b]`` on."""
+    fresh = _batch_noise(states, MEL_STREAM, starts, n_frames, n_mels, config, dev)
     return torch.cat([_stack_equal([s.prompt_noise for s in states], "prompt noise"), fresh], dim=2)
+
+
+def lookahead_tokens(model, config: StreamConfig) -> int:
+    """Tokens after a chunk that its (non-final) step needs: the encoder's look-ahead + the extra."""
+    return model.cfg.pre_lookahead + config.extra_lookahead_tokens
+
+
+def first_window(model, config: StreamConfig) -> int:
+    """Tokens after the prompt in a first chunk's flow window (no context yet)."""
+    return config.first_chunk_tokens + lookahead_tokens(model, config)
 
 
 def padded_window(model, config: StreamConfig) -> int:
     """Tokens after the prompt in the one padded flow window: context + largest chunk + look-ahead."""
-    return (config.context_tokens + max(config.first_chunk_tokens, config.chunk_tokens)
-            + model.cfg.pre_lookahead + config.extra_lookahead_tokens)
+    return config.context_tokens + max(config.first_chunk_tokens, config.chunk_tokens) + lookahead_tokens(model, config)
 
 
 @torch.inference_mode()
@@ -185,8 +197,7 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
         tp = states[b].voice.n_prompt_tokens
         if padded:  # first chunks (short windows) get their own, narrower padded window: the first
             # audio of a stream waits for nothing wider than it needs
-            short = win.numel() <= tp + config.first_chunk_tokens + model.cfg.pre_lookahead + config.extra_lookahead_tokens
-            key = ("padded", tp, short)
+            key = ("padded", tp, win.numel() <= tp + first_window(model, config))
         else:
             key = ("exact", win.numel(), aheads[b].numel())
         groups.setdefault(key, []).append(row)
@@ -194,9 +205,11 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
         idx = [r[0] for r in group]
         sts = [states[b] for b in idx]
         tp = sts[0].voice.n_prompt_tokens
+        starts = [r[2] for r in group]
+        feat = torch.cat([s.voice.prompt_feat for s in sts])
+        spk = torch.cat([s.spk for s in sts])
         if key[0] == "padded":
-            width = tp + (config.first_chunk_tokens + model.cfg.pre_lookahead + config.extra_lookahead_tokens
-                          if key[2] else padded_window(model, config))
+            width = tp + (first_window(model, config) if key[2] else padded_window(model, config))
             if max(r[1].numel() for r in group) > width:
                 raise ValueError(f"a flow window exceeds the padded width {width} (config {config})")
             tok = torch.zeros(len(group), width, dtype=torch.long)
@@ -204,10 +217,7 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
                 tok[k, :r[1].numel()] = r[1]
             tok_len = torch.tensor([r[1].numel() for r in group])
             mel_len = ratio * (tok_len - torch.tensor([aheads[b].numel() for b in idx]))
-            noise = _flow_noise(sts, [r[2] for r in group], ratio * (width - tp), cfg.n_mels, dev,
-                                _noise_device(config, dev))
-            feat = torch.cat([s.voice.prompt_feat for s in sts])
-            spk = torch.cat([s.spk for s in sts])
+            noise = _flow_noise(sts, starts, ratio * (width - tp), cfg.n_mels, config, dev)
             mel = flow_padded_fn(model)(tok.to(dev), feat, spk, noise, tok_len.to(dev), mel_len.to(dev))
             for k, r in enumerate(group):  # row k's chunk frames follow its context
                 n = chunks[r[0]].numel()
@@ -215,10 +225,7 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
         else:
             la = aheads[idx[0]].numel()
             tok = torch.stack([r[1] for r in group]).to(dev)
-            noise = _flow_noise(sts, [r[2] for r in group], ratio * (tok.size(1) - tp), cfg.n_mels, dev,
-                                _noise_device(config, dev))
-            feat = torch.cat([s.voice.prompt_feat for s in sts])
-            spk = torch.cat([s.spk for s in sts])
+            noise = _flow_noise(sts, starts, ratio * (tok.size(1) - tp), cfg.n_mels, config, dev)
             mel = flow_fn(model)(tok, feat, spk, noise, drop_tail_frames=ratio * la)
             for k, r in enumerate(group):
                 out[r[0]] = mel[k, :, mel.size(2) - ratio * chunks[r[0]].numel():]
@@ -248,7 +255,6 @@ def hift_rows(model: S3GenModel, states: Sequence[StreamState], mel: torch.Tenso
     dev = model.device
     B = mel.size(0)
     hop = cfg.hop_samples
-    seeds = torch.tensor([s.noise.seed for s in states], dtype=torch.int64)
 
     # ---- HiFT: left context + pending frames
     if len({(s.mel_hist.size(1), s.mel_pending.size(1)) for s in states}) != 1:
@@ -257,10 +263,8 @@ def hift_rows(model: S3GenModel, states: Sequence[StreamState], mel: torch.Tenso
     h = states[0].mel_hist.size(1)
     total = mel_in.size(2)
     f0 = f0_fn(model)(mel_in)[:, h * hop:]  # new part only: (B, (total-h)*hop)
-    first = torch.tensor([s.emitted * hop for s in states], dtype=torch.int64)
-    where = _noise_device(config, dev)
-    src_noise = hashed_normal(stream_keys(seeds, SOURCE_STREAM).to(where), first.to(where), f0.size(1),
-                              cfg.hift_harmonics + 1).to(dev)
+    src_noise = _batch_noise(states, SOURCE_STREAM, [s.emitted * hop for s in states], f0.size(1),
+                             cfg.hift_harmonics + 1, config, dev)
     rnd = SourceNoise(torch.stack([s.phase for s in states]), src_noise)
     cycles0 = torch.stack([s.cycles for s in states])
     src_new, _ = model.mel2wav.m_source(f0, rnd, cycles0)
@@ -367,7 +371,7 @@ class StreamingSession:
 
     @property
     def _lookahead(self) -> int:
-        return self.model.cfg.pre_lookahead + self.config.extra_lookahead_tokens
+        return lookahead_tokens(self.model, self.config)
 
     def _slice(self, n: int, la: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``n`` uncommitted tokens (1, n) and the ``la`` after them (1, la)."""
