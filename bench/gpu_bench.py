@@ -10,10 +10,17 @@ Sections
              end-to-end ``generate`` (which also watermarks), peak memory, greedy reference tokens
   t3         our engine (bf16, CUDA graphs): tokens/s at batch 1, time to first token, batch sweep;
              with --t3-compile (default on CUDA) also the torch.compile'd decode step: batch-1
-             tokens/s, graph replay ms, kernels per step and greedy agreement with the eager engine
-  accuracy   greedy agreement ours-bf16 / ours-fp32 vs upstream-fp32; logits error bf16 vs fp32
+             tokens/s, graph replay ms, kernels per step and greedy agreement with the eager engine;
+             --t3-kernels triton runs the main engine on the Triton decode step, ``both`` times it
+             beside the torch step (same numbers as for the compiled step)
+  accuracy   greedy agreement ours-bf16 / ours-fp32 vs upstream-fp32; logits error bf16 vs fp32;
+             with --t3-kernels triton|both also the Triton bf16 engine vs upstream-fp32, ours-fp32, ours-bf16
   s3gen      our S3Gen: offline per utterance, streaming first-chunk latency, half-precision error
-  services   both gRPC services as processes: time to first audio, concurrency sweep, memory
+  services   both gRPC services as processes: time to first audio, concurrency sweep, memory;
+             with --stats-log-s (default 1) each level also has both engines' statistics
+             (``engine_stats``: vocoder rows per step, steps/s, worker busy, queue waits; T3 steps, tokens/s)
+  vocoder_only  (with --vocoder-only-sweep LEVELS) only the vocoder service, driven by synthetic token
+             streams (bench/vocoder_load.py; modes --vocoder-only-modes), engine statistics per level
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ TEXTS = [
 
 DEVICE = "cuda"
 PRESET = "turbo"
+T3_KERNELS = "both"  # --t3-kernels: torch | triton | both
 
 
 def sync() -> None:
@@ -179,12 +187,12 @@ def upstream(model_dir: Path, n_tokens: int) -> None:
 
 # ------------------------------------------------------------------------------------------ t3
 def _engine(model_dir: Path, dtype: str, graphs: bool, max_slots: int, compile: bool = False,
-            compile_mode: str = "default"):
+            compile_mode: str = "default", kernels: str = "torch"):
     from token_service.engine.llm_engine import EngineConfig, LLMEngine
 
     return LLMEngine(EngineConfig(model_dir=model_dir, device=DEVICE, dtype=dtype, cuda_graphs=graphs,
                                   max_slots=max_slots, max_waiting=1024, max_seq_len=2048,
-                                  compile=compile, compile_mode=compile_mode))
+                                  compile=compile, compile_mode=compile_mode, kernels=kernels))
 
 
 async def _run_one(engine, ids, params) -> tuple[list[int], float, float]:
@@ -223,6 +231,22 @@ def _replay_ms(group, n: int, kv: int, reps: int = 200) -> float | None:
         gr.replay()
     sync()
     return round((time.perf_counter() - t0) / reps * 1000, 4)
+
+
+@torch.inference_mode()
+def _step_replay_ms(eng, group, n: int, kv: int) -> float | None:
+    """:func:`_replay_ms` of the graph a decode of ``n`` rows attending to ``kv`` positions replays: the
+    torch step's (n, kv) graph, or the Triton step's one graph per batch size with the (idle) rows
+    set to position ``kv - 1`` (it reads only the positions it attends to)."""
+    r = eng.runner
+    key = r.decode_key(n, kv - 1, group)
+    if r.fused_serves(n):
+        r.positions[group.start:group.start + n] = kv - 1
+    try:
+        return _replay_ms(group, *key)
+    finally:
+        if r.fused_serves(n):
+            r._reset_rows(group)
 
 
 @torch.inference_mode()
@@ -280,6 +304,40 @@ def _tokens_per_s(runs: list[tuple[int, float, float]]) -> float:
     return statistics.median([(n - 1) / (tot - f) for n, f, tot in runs if n > 1])
 
 
+def t3_triton(model_dir: Path, n_tokens: int, eager, r: dict) -> None:
+    """The Triton decode step next to the torch one (``eager``: the main engine, idle): batch-1
+    tokens/s, graph replay, kernels per step, greedy agreement with the torch bf16 engine."""
+    dtype = "bfloat16" if DEVICE == "cuda" else "float32"
+    ids = RESULTS.get("text_ids") or [eager.tokenize(t) for t in TEXTS]
+    r.setdefault("greedy_eager", _greedy(eager, ids))
+    r.setdefault("decode_kernels_per_step", {"1x512": _kernels_per_step(eager, 1, 512)})
+    t_build = time.perf_counter()
+    eng = _engine(model_dir, dtype, DEVICE == "cuda", 8 if DEVICE == "cuda" else 1, kernels="triton")
+    try:
+        r["engine_build_s_triton"] = round(time.perf_counter() - t_build, 1)
+        r["kernels_status"] = eng.kernels_status
+        print(f"  triton engine built in {r['engine_build_s_triton']}s: {eng.kernels_status}", flush=True)
+        if DEVICE == "cuda":
+            g = eng.runner.groups[0]
+            r["decode_graph_ms_triton"] = {f"{n}x{kv}": _step_replay_ms(eng, g, n, kv)
+                                           for n, kv in ((1, 512), (1, 1024), (8, 512))}
+            r["decode_kernels_per_step_triton"] = {"1x512": _kernels_per_step(eng, 1, 512)}
+            print(f"  triton graph replay ms/step: {r['decode_graph_ms_triton']}; kernels/step "
+                  f"{r['decode_kernels_per_step']} -> {r['decode_kernels_per_step_triton']}", flush=True)
+        runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
+        r["batch1_tokens_per_s_triton"] = _tokens_per_s(runs)
+        r["t3_ttft_ms_bs1_triton"] = statistics.median([f * 1000 for _, f, _ in runs])
+        r["greedy_triton_vs_eager"] = _agreement(_greedy(eng, ids), r["greedy_eager"])
+        print(f"  triton bs1 {r['batch1_tokens_per_s_triton']:.0f} tok/s (torch {r.get('t3_tokens_per_s_bs1', 0):.0f}); "
+              f"greedy vs torch bf16 {r['greedy_triton_vs_eager']}", flush=True)
+    finally:
+        eng.close()
+        del eng
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
 def t3_compiled(model_dir: Path, n_tokens: int, eager, r: dict, mode: str) -> None:
     """The torch.compile'd decode step next to the eager one (``eager``: the main engine, idle):
     batch-1 tokens/s, graph replay, kernels per step, greedy agreement on the bench texts."""
@@ -322,8 +380,10 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int], compile: bool = False, 
 
     peak_reset()
     t_build = time.perf_counter()
-    eng = _engine(model_dir, "bfloat16" if DEVICE == "cuda" else "float32", DEVICE == "cuda", max(sweep))
-    r: dict[str, Any] = {"engine_build_s": time.perf_counter() - t_build}
+    kernels = "triton" if T3_KERNELS == "triton" else "torch"
+    eng = _engine(model_dir, "bfloat16" if DEVICE == "cuda" else "float32", DEVICE == "cuda", max(sweep),
+                  kernels=kernels)
+    r: dict[str, Any] = {"engine_build_s": time.perf_counter() - t_build, "t3_kernels": eng.kernels_status}
     print(f"  engine built in {r['engine_build_s']:.1f}s", flush=True)
     # roofline: every decoded token reads all weights the decode step uses once (batch 1)
     r["decode_weight_bytes"] = sum(p.numel() * p.element_size() for p in eng.model.parameters())
@@ -332,10 +392,9 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int], compile: bool = False, 
         r["roofline_tokens_per_s_bs1"] = bw * 1e9 / r["decode_weight_bytes"]
     ids = RESULTS.get("text_ids") or [eng.tokenize(t) for t in TEXTS]
 
-    replay_ms = _replay_ms
     if DEVICE == "cuda":
-        r["decode_graph_ms"] = {"1x512": replay_ms(eng.runner.groups[0], 1, 512),
-                                "8x512": replay_ms(eng.runner.groups[0], 8, 512)}
+        r["decode_graph_ms"] = {"1x512": _step_replay_ms(eng, eng.runner.groups[0], 1, 512),
+                                "8x512": _step_replay_ms(eng, eng.runner.groups[0], 8, 512)}
         print(f"  graph replay ms/step: {r['decode_graph_ms']}", flush=True)
     tm0 = eng.timings()
     runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
@@ -351,6 +410,12 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int], compile: bool = False, 
         except Exception as e:  # noqa: BLE001 - record; the rest of the section still runs
             r["compile_error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
+    if T3_KERNELS == "both":  # also before the KV groups grow
+        try:
+            t3_triton(model_dir, n_tokens, eng, r)
+        except Exception as e:  # noqa: BLE001 - record; the rest of the section still runs
+            r["triton_error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
 
     # KV groups beyond the first are created on first use (allocation + graph capture); create them
     # all now so the sweep times steady state, and report what growing costs.
@@ -365,7 +430,7 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int], compile: bool = False, 
         # only a group created just now is idle: group 0's released rows keep their last positions
         # until the engine's next step resets them, and replaying over them writes past a 512 bucket
         last = eng.runner.groups[-1]
-        r["decode_graph_ms"][f"{last.size}x512"] = replay_ms(last, last.size, 512)
+        r["decode_graph_ms"][f"{last.size}x512"] = _step_replay_ms(eng, last, last.size, 512)
         print(f"  graph replay ms/step: {r['decode_graph_ms']}", flush=True)
 
     async def batch(n: int):
@@ -402,10 +467,17 @@ def accuracy(model_dir: Path) -> None:
         ids = [eng0.tokenize(t) for t in TEXTS]
         eng0.close()
     r: dict[str, Any] = {}
-    for dtype in ("float32", "bfloat16"):
+    greedy_of: dict[str, list[list[int]]] = {}
+    variants = [("float32", "torch"), ("bfloat16", "torch")]
+    if T3_KERNELS != "torch":
+        variants.append(("bfloat16", "triton"))
+    for dtype, kernels in variants:
         if DEVICE != "cuda" and dtype != "float32":
             continue
-        eng = _engine(model_dir, dtype, dtype != "float32", 8)
+        eng = _engine(model_dir, dtype, dtype != "float32", 8, kernels=kernels)
+        tag = dtype if kernels == "torch" else f"{dtype}_{kernels}"
+        if kernels != "torch":
+            r[f"kernels_status_{tag}"] = eng.kernels_status
 
         async def greedy():
             return [
@@ -414,8 +486,13 @@ def accuracy(model_dir: Path) -> None:
 
         got = asyncio.run(greedy())
         eng.close()
+        greedy_of[tag] = got
         if ref:
-            r[f"greedy_vs_upstream_{dtype}"] = _agreement(got, ref)
+            r[f"greedy_vs_upstream_{tag}"] = _agreement(got, ref)
+        # every half-precision variant vs our fp32 engine; the Triton step also vs the torch bf16 step
+        for other in ("float32",) if kernels == "torch" else ("float32", "bfloat16"):
+            if other in greedy_of and other != tag:
+                r[f"greedy_{tag}_vs_ours_{other}"] = _agreement(got, greedy_of[other])
         del eng
         gc.collect()
         torch.cuda.empty_cache()
@@ -703,6 +780,30 @@ def report(out: Path) -> str:
             f"| T3 greedy agreement, compiled vs eager step, same dtype (64 tokens × {len(ag)} texts) | | "
             f"{f(agree, '{:.3f}')} | |",
         ]
+    if "batch1_tokens_per_s_triton" in t or "kernels_status" in t:
+        gm, gt = t.get("decode_graph_ms", {}), t.get("decode_graph_ms_triton", {})
+        ag = t.get("greedy_triton_vs_eager") or []
+        agree = sum(a["match_frac"] * a["compared"] for a in ag) / max(1, sum(a["compared"] for a in ag)) if ag else None
+        lines += [
+            f"| T3 tokens/s, batch 1, Triton decode step ({t.get('kernels_status', '–')[:40]}) "
+            f"| | {f(t.get('batch1_tokens_per_s_triton'))} | "
+            f"{ratio(t.get('batch1_tokens_per_s_triton'), t.get('t3_tokens_per_s_bs1'))} of torch-step graphs |",
+            f"| T3 decode graph replay ms/step 1x512, torch → Triton (kernels/step); Triton 1x1024, 8x512 | | "
+            f"{f(gm.get('1x512'), '{:.3f}')} → {f(gt.get('1x512'), '{:.3f}')} "
+            f"({f(t.get('decode_kernels_per_step', {}).get('1x512'), '{:.0f}')} → "
+            f"{f(t.get('decode_kernels_per_step_triton', {}).get('1x512'), '{:.0f}')}); "
+            f"{f(gt.get('1x1024'), '{:.3f}')}, {f(gt.get('8x512'), '{:.3f}')} | |",
+            f"| T3 greedy agreement, Triton vs torch step, bf16 (64 tokens × {len(ag)} texts) | | "
+            f"{f(agree, '{:.3f}')} | |",
+        ]
+    acc = RESULTS.get("accuracy", {})
+    if "greedy_bfloat16_triton_vs_ours_float32" in acc:
+        def mean_agree(key):
+            ag = acc.get(key) or []
+            return sum(a["match_frac"] * a["compared"] for a in ag) / max(1, sum(a["compared"] for a in ag)) if ag else None
+        lines.append(f"| T3 greedy agreement with our fp32 engine, bf16 torch step / bf16 Triton step | | "
+                     f"{f(mean_agree('greedy_bfloat16_vs_ours_float32'), '{:.3f}')} / "
+                     f"{f(mean_agree('greedy_bfloat16_triton_vs_ours_float32'), '{:.3f}')} | |")
     lines += [
         f"| T3 batch-1 roofline (weights {f(t.get('decode_weight_bytes', 0) / 1e9, '{:.2f}')} GB/token at the copy "
         f"bandwidth), tokens/s | | {f(t.get('roofline_tokens_per_s_bs1'), '{:.0f}')} | "
@@ -746,12 +847,44 @@ def report(out: Path) -> str:
         for n, v in svc.get("sweep", {}).items():
             lines.append(f"| {n} | {v['ttfa_p50_ms']:.0f} / {v['ttfa_p99_ms']:.0f} | {v.get('underrun_streams', v['underruns'])} | "
                          f"{v['audio_s_per_s']:.1f} | {v['errors']} |")
+        lines += _engine_stats_table(svc.get("sweep", {}))
+    vo = RESULTS.get("vocoder_only", {})
+    if vo.get("modes"):
+        from bench.vocoder_load import table as vocoder_table
+
+        lines += ["", f"Vocoder service alone (bench/vocoder_load.py; flags {vo['config'].get('vocoder_flags')}):", "",
+                  vocoder_table(vo["modes"])]
     if RESULTS["errors"]:
         lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in RESULTS["errors"].items())]
     md = "\n".join(lines)
     (out / "PERF.md").write_text(md + "\n")
     (out / "perf.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     return md
+
+
+def _engine_stats_table(levels: dict) -> list[str]:
+    """Services sweep: both engines' statistics per level (``engine_stats``, from the services' logs)."""
+    rows = []
+    for n, v in levels.items():
+        es = v.get("engine_stats") or {}
+        voc, tok = es.get("vocoder_service") or {}, es.get("token_service") or {}
+        if not voc and not tok:
+            continue
+
+        def g(x, fmt="{:.1f}"):
+            return fmt.format(x) if isinstance(x, (int, float)) else "–"
+
+        vm, vw = voc.get("mean", {}), voc.get("window", {})
+        rows.append(f"| {n} | {g(vm.get('push_rows'))} | {g(voc.get('per_s', {}).get('worker_steps'))} | "
+                    f"{g(vm.get('step_ms'))} | {g(voc.get('busy_frac'), '{:.2f}')} | {g(vm.get('queue_wait_ms'))} / "
+                    f"{g(vw.get('queue_wait_ms', {}).get('p99_max'))} | {g(vm.get('handoff_ms'), '{:.2f}')} | "
+                    f"{g(tok.get('per_s', {}).get('steps'))} | {g(tok.get('per_s', {}).get('tokens'), '{:.0f}')} | "
+                    f"{g(tok.get('decode_frac'), '{:.2f}')} |")
+    if not rows:
+        return []
+    return ["", "| services: concurrency | vocoder rows / push step | vocoder steps/s | step ms (mean) | vocoder busy | "
+            "queue wait ms mean / p99 | hand-off ms | T3 steps/s | T3 tokens/s | T3 decode busy |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows]
 
 
 def render(paths: list[str], out: Path) -> None:
@@ -780,16 +913,26 @@ def main() -> None:
     ap.add_argument("--token-flags", default="", help="services section: extra token-service flags "
                     "(e.g. \"--vocoder-min-tokens 8 --vocoder-max-wait-ms 4\")")
     ap.add_argument("--level-time-s", type=float, default=20.0, help="services sweep: seconds per level")
+    ap.add_argument("--stats-log-s", type=float, default=1.0, help="services / vocoder_only: the services' "
+                    "TTS_STATS_LOG_S; each level gets the engines' statistics from their logs (0: off)")
+    ap.add_argument("--vocoder-only-sweep", default="", help="e.g. 1,8,32,64,128: before the services section, "
+                    "start only the vocoder service and run these levels of synthetic Vocode streams (issue 6)")
+    ap.add_argument("--vocoder-only-modes", default="burst,realtime,fast", help="vocoder_only: token pacing per "
+                    "stream: burst (100 tok/s, like T3), realtime (25 tok/s), fast (unpaced) or a rate in tok/s")
     ap.add_argument("--stack-dump-s", type=float, default=120.0)
     ap.add_argument("--t3-compile", choices=("auto", "on", "off"), default="auto",
                     help="t3 section: also time the torch.compile'd decode step (auto: on for CUDA, off for the dry run)")
     ap.add_argument("--t3-compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
                     help="torch.compile mode of the compiled T3 decode step")
+    ap.add_argument("--t3-kernels", choices=("torch", "triton", "both"), default="both",
+                    help="t3/accuracy sections: decode step of the main engine (torch | triton), or both: torch "
+                         "for the main engine plus a Triton engine timed beside it")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="tiny preset on CPU, upstream skipped: checks the script itself, times nothing real")
     args = ap.parse_args()
+    global DEVICE, PRESET, T3_KERNELS
+    T3_KERNELS = args.t3_kernels
     if args.cpu_dry_run:
-        global DEVICE, PRESET
         DEVICE, PRESET = "cpu", "tiny"
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -813,13 +956,22 @@ def main() -> None:
         accuracy(model_dir)
     if "s3gen" in want:
         s3gen(model_dir)
+    if args.vocoder_only_sweep:
+        from bench.vocoder_load import vocoder_only_section
+
+        section("vocoder_only")(vocoder_only_section)(
+            model_dir, [int(x) for x in args.vocoder_only_sweep.split(",") if x], RESULTS,
+            modes=[m for m in args.vocoder_only_modes.split(",") if m], log_dir=out / "vocoder-only-logs",
+            vocoder_flags=args.vocoder_flags.split() if DEVICE == "cuda" else [],
+            stats_log_s=args.stats_log_s or 1.0, level_time_s=args.level_time_s)
+        report(out)  # perf.json / PERF.md so far, in case a later section runs past the call's limit
     if "services" in want:
         from bench.service_load import services_section
 
         section("services")(services_section)(model_dir, sweep, RESULTS, level_time_s=args.level_time_s,
                                               log_dir=out / "service-logs",
                                               vocoder_flags=args.vocoder_flags.split() if DEVICE == "cuda" else [],
-                                              token_flags=args.token_flags.split())
+                                              token_flags=args.token_flags.split(), stats_log_s=args.stats_log_s)
     print(report(out))
 
 

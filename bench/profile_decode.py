@@ -1,8 +1,14 @@
 """Profile one T3 decode step on the GPU (uncaptured, same shapes as a captured step): kernels by CUDA time.
 
-    PYTHONPATH=/tmp/site:$PWD python3 bench/profile_decode.py [--batch 1] [--kv 512] [--compile]
+    PYTHONPATH=/tmp/site:$PWD python3 bench/profile_decode.py [--batch 1] [--kv 512] [--compile] \
+        [--t3-kernels torch|triton]
 
 ``--compile``: the torch.compile'd decode step (``EngineConfig.compile``), compiled at engine start.
+``--t3-kernels triton``: the hand-written Triton step (``EngineConfig.kernels``; one graph per batch
+size, each row attending up to its position: the rows are set to position ``kv - 1``, so both paths
+attend to ``kv`` positions). ``--triton-set NAME=VALUE`` (repeatable) overrides a block-size constant
+of ``token_service.t3.triton_decode`` first (``TILE_ELEMS``, ``MIN_PROGRAMS``, ``MERGE_MIN_PROGRAMS``,
+``MAX_BLOCK_N``, ``KV_SPLITS``, ``BLOCK_L``, ``GEMV_WARPS``, ``ATTN_WARPS``), to tune them.
 """
 from __future__ import annotations
 
@@ -22,7 +28,19 @@ def main() -> None:
     ap.add_argument("--kv", type=int, default=512)
     ap.add_argument("--work", default="/tmp/bench-work")
     ap.add_argument("--compile", action="store_true", help="torch.compile'd decode step (EngineConfig.compile)")
+    ap.add_argument("--t3-kernels", default="torch", choices=("torch", "triton"), help="EngineConfig.kernels")
+    ap.add_argument("--triton-set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a t3.triton_decode block-size constant (int)")
     args = ap.parse_args()
+    if args.triton_set:
+        from token_service.t3 import triton_decode as td
+
+        for item in args.triton_set:
+            name, value = item.split("=", 1)
+            if not name.isupper() or not isinstance(getattr(td, name, None), int):
+                raise SystemExit(f"--triton-set: {name!r} is not an int constant of t3.triton_decode")
+            setattr(td, name, int(value))
+            print(f"triton_decode.{name} = {value}")
     from export.demo_checkpoint import write_demo_checkpoint
     from token_service.engine.llm_engine import EngineConfig, LLMEngine
 
@@ -30,10 +48,12 @@ def main() -> None:
     if not d.exists():
         write_demo_checkpoint(d, "turbo", seed=0)
     eng = LLMEngine(EngineConfig(model_dir=d, cuda_graphs=True, max_slots=8, graph_batch_sizes=(1, 8),
-                                 compile=args.compile))
-    print(f"compile: {eng.compile_status}")
+                                 compile=args.compile, kernels=args.t3_kernels))
+    print(f"compile: {eng.compile_status}; kernels: {eng.kernels_status}")
     r, g = eng.runner, eng.runner.groups[0]
+    key = r.decode_key(args.batch, args.kv - 1, g)  # (batch, kv) for torch; (batch, max_seq_len) for triton
     with torch.inference_mode():
+        r.positions[g.start:g.start + args.batch] = args.kv - 1  # idle rows (active 0): positions stay
         for _ in range(3):
             r._decode_body(g, args.batch, args.kv)
         torch.cuda.synchronize()
@@ -45,7 +65,7 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     n_kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 5
     print(f"CUDA kernels per step: {n_kernels:.0f}")
-    gr = g.graphs[(args.batch, args.kv)]
+    gr = g.graphs[key]
     for _ in range(3):
         gr.replay()
     torch.cuda.synchronize()

@@ -480,23 +480,30 @@ class ServiceProcesses:
 # ----------------------------------------------------------------------------------- runs / CLI
 def run_sweep(target: str, levels: Sequence[int], requests: int | None, spec: StreamSpec, *, pids: dict[str, int] | None = None,
               level_time_s: float = 120.0, ramp_s: float = 0.0, warmup: int = 0, tolerance: float = 0.0,
-              rounds: int = 1, gpu: GpuMemSampler | None = None, log=print) -> dict[str, Any]:
-    """Warm up, then each level in turn (``requests`` streams, or ``rounds`` × the level); RSS around each level."""
+              rounds: int = 1, gpu: GpuMemSampler | None = None, settle_s: float = 0.0, log=print) -> dict[str, Any]:
+    """Warm up, then each level in turn (``requests`` streams, or ``rounds`` × the level); RSS around each level.
+
+    Each level records ``t_start`` / ``t_end`` (unix seconds); ``settle_s`` is an idle pause after the
+    warm-up and after each level (so services logging ``TTS_STATS_LOG_S`` lines can be cut per level:
+    bench/engine_stats.py)."""
     pids = pids or {}
     out: dict[str, Any] = {"target": target, "spec": dataclasses.asdict(spec), "levels": {}}
     out["rss_mb_start"] = {k: rss_mb(p) for k, p in pids.items()}
     if warmup:
         asyncio.run(run_level(target, min(warmup, max(levels)), warmup, spec, level_time_s=level_time_s,
                               first_index=10**6))
+        time.sleep(settle_s)
     index = 0
     for n in levels:
         before = {k: rss_mb(p) for k, p in pids.items()}
         if gpu is not None:
             gpu.mark()
         count = requests if requests else rounds * n
+        t_start = time.time()
         level = asyncio.run(run_level(target, n, count, spec, level_time_s=level_time_s, ramp_s=ramp_s, first_index=index))
         index += count
         fig = summarize(level, tolerance)
+        fig.update(t_start=round(t_start, 3), t_end=round(time.time(), 3))
         fig["rss_mb_before"] = before
         fig["rss_mb_after"] = {k: rss_mb(p) for k, p in pids.items()}
         if gpu is not None:
@@ -506,6 +513,7 @@ def run_sweep(target: str, levels: Sequence[int], requests: int | None, spec: St
         log(f"  concurrency {n}: {fig['ok']}/{fig['requests']} ok, TTFA p50 {fig['ttfa_p50_ms']:.0f} ms "
             f"p99 {fig['ttfa_p99_ms']:.0f} ms, underruns {fig['underruns']}, {fig['audio_s_per_s']:.2f} audio s/s, "
             f"errors {fig['errors_by_code']}")
+        time.sleep(settle_s)
     return out
 
 
@@ -597,7 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def services_section(model_dir: Path, sweep: list[int], results: dict, *, device: str | None = None,
                      max_new_tokens: int | None = None, c1_requests: int = 20, level_time_s: float | None = None,
                      log_dir: Path | None = None, ready_timeout_s: float = 900.0,
-                     vocoder_flags: list[str] | None = None, token_flags: list[str] | None = None) -> None:
+                     vocoder_flags: list[str] | None = None, token_flags: list[str] | None = None,
+                     stats_log_s: float = 0.0) -> None:
     """Both services as processes on ``device`` (default: cuda if available, else cpu), then measure.
 
     Writes ``results["services"]``: ``ttfa_c1_p50_ms`` / ``ttfa_c1_p90_ms`` (concurrency 1,
@@ -611,6 +620,11 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     weights never say stop): 72 (+3 silence) = 3 s a sentence, so 3–6 s a stream. Each level runs two
     rounds of its concurrency (starts spread over 1 s) and starts nothing after ``level_time_s``.
     On CPU, levels above ``CPU_MAX_LEVEL`` are skipped (``skipped_levels_on_cpu``).
+
+    ``stats_log_s`` > 0: both services log their engine statistics that often (``TTS_STATS_LOG_S``),
+    levels are separated by an idle pause a bit longer than that, and each level (and ``c1``) gets
+    ``engine_stats: {"token_service": ..., "vocoder_service": ...}`` read back from the logs
+    (bench/engine_stats.py: steps and rows per second, worker busy fraction, queue waits, ...).
     """
     import torch
 
@@ -638,8 +652,17 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     results["services"] = out
     out["config"]["vocoder_flags"] = list(vocoder_flags or [])
     out["config"]["token_flags"] = extra_token_flags
+    tmp_logs = None
+    if stats_log_s > 0 and log_dir is None:  # the stats are read back from the logs
+        import tempfile
+
+        tmp_logs = tempfile.TemporaryDirectory(prefix="services-logs-")
+        log_dir = Path(tmp_logs.name)
+    out["config"]["stats_log_s"] = stats_log_s
+    settle_s = stats_log_s + 0.5 if stats_log_s > 0 else 0.0
     procs = ServiceProcesses(Path(model_dir), device=device, max_streams=top, token_flags=token_flags,
-                             vocoder_flags=list(vocoder_flags or []), log_dir=log_dir, ready_timeout_s=ready_timeout_s)
+                             vocoder_flags=list(vocoder_flags or []), log_dir=log_dir, ready_timeout_s=ready_timeout_s,
+                             env={"TTS_STATS_LOG_S": str(stats_log_s)} if stats_log_s > 0 else {})
     t0 = time.perf_counter()
     with GpuMemSampler() as gpu, procs:
         out["startup_s"] = round(time.perf_counter() - t0, 1)
@@ -658,8 +681,12 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
         out["gpu_mem_MB_idle"] = by_service(gpu.mark())
         # warm-up (not counted), then concurrency 1
         asyncio.run(run_level(procs.token_target, 1, 2, spec, first_index=10**6))
+        time.sleep(settle_s)
         gpu.mark()
+        t_c1 = time.time()
         c1 = summarize(asyncio.run(run_level(procs.token_target, 1, c1_requests, spec, level_time_s=level_time_s)))
+        c1.update(t_start=round(t_c1, 3), t_end=round(time.time(), 3))
+        time.sleep(settle_s)
         out["gpu_mem_MB_c1"] = by_service(gpu.mark())
         out["ttfa_c1_p50_ms"] = c1["ttfa_p50_ms"]
         out["ttfa_c1_p90_ms"] = c1["ttfa_p90_ms"]
@@ -667,7 +694,7 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
         out["rtf"] = c1["rtf_p50"]
         out["c1"] = c1
         sw = run_sweep(procs.token_target, sweep, None, spec, pids=pids, level_time_s=level_time_s, ramp_s=1.0,
-                       rounds=2, gpu=gpu, log=lambda m: print(m, flush=True))
+                       rounds=2, gpu=gpu, settle_s=settle_s, log=lambda m: print(m, flush=True))
         out["sweep"] = {}
         for n, fig in sw["levels"].items():
             fig["gpu_mem_MB_peak"] = by_service(fig.pop("gpu_mem_MB_peak_by_pid", {}))
@@ -676,6 +703,13 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
         gpu.sample()
         out["gpu_mem_MB"] = by_service(dict(gpu.peak))
     out["exit_codes"] = procs.stop()
+    if stats_log_s > 0:  # after stop: each service's final stats line is in its log
+        from bench.engine_stats import attach
+
+        logs = {"token_service": log_dir / "token-service.log", "vocoder_service": log_dir / "vocoder-service.log"}
+        attach({"c1": out["c1"], **out["sweep"]}, logs, slack_s=stats_log_s + 0.25)
+        if tmp_logs is not None:
+            tmp_logs.cleanup()
 
 
 if __name__ == "__main__":

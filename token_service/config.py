@@ -36,6 +36,12 @@ class TokenServiceConfig:
     max_seq_len: int = setting(2048, "positions per KV slot: voice prefix + text + speech tokens")
     compile: bool = setting(False, "pytorch engine: torch.compile the T3 decode step (compiles at start-up, "
                                    "before CUDA-graph capture; falls back to eager with a warning if it fails)")
+    stats_log_s: float = setting(0.0, "log the engine statistics (steps, tokens, slots) as one JSON line every "
+                                      "this many seconds while busy, and once at shutdown; 0 = off")
+    t3_kernels: str = setting("auto", "pytorch engine: T3 decode step for batches of 1-2 rows: triton (fused kernels, one "
+                                      "CUDA graph per batch size; falls back to torch with a warning if they fail), torch "
+                                      "(cuBLAS/cuDNN), or auto (triton on CUDA, torch elsewhere)",
+                           choices=("auto", "torch", "triton"))
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from a caller, in bytes (larger ones get RESOURCE_EXHAUSTED)")
 
     def validate(self) -> None:
@@ -46,5 +52,5 @@ class TokenServiceConfig:
         if self.engine == "trtllm" and not self.engine_dir:
             raise ConfigError("engine=trtllm needs --engine-dir / TTS_ENGINE_DIR")
         check_positive(self, "max_streams", "max_text_chars", "max_new_tokens", "max_message_bytes", "vocoder_min_tokens")
-        check_positive(self, "drain_seconds", "kv_slots", "vocoder_max_wait_ms", allow_zero=True)
+        check_positive(self, "drain_seconds", "stats_log_s", "kv_slots", "vocoder_max_wait_ms", allow_zero=True)
         check_positive(self, "max_seq_len")

@@ -25,8 +25,9 @@ def load_engine(cfg):
     engine = LLMEngine(EngineConfig(
         model_dir=cfg.model_dir, voices_dir=cfg.voices_dir, device=cfg.device, dtype=cfg.dtype,
         max_slots=slots, max_seq_len=cfg.max_seq_len, default_max_new_tokens=cfg.max_new_tokens,
-        compile=cfg.compile))
+        compile=cfg.compile, kernels=cfg.t3_kernels))
     log.info("token engine ready", extra={"engine": "pytorch", "device": str(engine.device), "dtype": str(engine.dtype),
                                           "kv_slots": slots, "voices": engine.voices(),
-                                          "compile": engine.compile_status})
+                                          "compile": engine.compile_status,
+                                          "t3_kernels": engine.kernels_status})
     return engine

@@ -33,11 +33,15 @@ class VocoderServiceConfig:
                                          "time per row and step; default: on the device, ~0.1 ms per row)")
     pad_flow_windows: bool = setting(True, "pad every flow window (masked) to one shape, so sessions at different "
                                            "stream phases share one flow batch; false: only equal shapes batch")
+    chunk_tokens: int = setting(25, "tokens per streaming step once the first chunks have grown (4, 8, 16, then this): "
+                                     "larger steps carry more audio per flow window (higher throughput, coarser pacing)")
     graph_batch: int = setting(32, "largest batch captured as one CUDA graph (1, 2, 4, 8, 16, 32 or 64); larger "
                                    "batches replay it in slices. Sets the graph memory pool (cuda_graphs only)")
     drain_seconds: float = setting(20.0, "on SIGTERM: seconds in-flight streams may take to finish")
     log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
     log_format: str = setting("json", "log format", choices=LOG_FORMATS)
+    stats_log_s: float = setting(0.0, "log the engine statistics (worker steps, rows, queue waits, idle) as one JSON line every "
+                                      "this many seconds while busy, and once at shutdown; 0 = off")
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from a caller, in bytes (larger ones get RESOURCE_EXHAUSTED)")
 
     def validate(self) -> None:
@@ -47,5 +51,5 @@ class VocoderServiceConfig:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)} (--log-level / TTS_LOG_LEVEL)")
         if self.engine in ("onnxruntime", "tensorrt") and not self.engine_dir:
             raise ConfigError(f"engine={self.engine} needs --engine-dir / TTS_ENGINE_DIR")
-        check_positive(self, "max_streams", "max_batch", "max_message_bytes")
-        check_positive(self, "drain_seconds", allow_zero=True)
+        check_positive(self, "max_streams", "max_batch", "max_message_bytes", "chunk_tokens")
+        check_positive(self, "drain_seconds", "stats_log_s", allow_zero=True)

@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -22,6 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tts_api.v1 import common_pb2, vocoder_service_pb2, vocoder_service_pb2_grpc
 from tts_common.grpc_server import Admission, ServiceServer, serve_until_signal, service_main
+from tts_common.stats_log import StatsLogger
 from tts_common.telemetry import Telemetry, context_from_metadata
 from vocoder_service.engine import SAMPLE_RATE, SPEECH_VOCAB_SIZE, UnknownVoiceError
 
@@ -47,7 +49,7 @@ class VocoderServicer(vocoder_service_pb2_grpc.VocoderServiceServicer):
         tel.gauge("tts.vocoder.sessions.active", lambda: self.engine.stats()["active_sessions"],
                   "open vocoder engine sessions (leak gauge: 0 when idle)")
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Open streams and engine counters (what the leak gauges report)."""
         return {"active_streams": self.admission.active, "refused_streams": self.admission.refused,
                 **self.engine.stats()}
@@ -193,6 +195,13 @@ async def start_server(cfg, engine, telemetry: Telemetry) -> tuple[ServiceServer
     server.admissions.append(servicer.admission)
     vocoder_service_pb2_grpc.add_VocoderServiceServicer_to_server(servicer, server.grpc)
     await server.start()
+    if cfg.stats_log_s > 0:  # TTS_STATS_LOG_S: engine statistics as JSON lines while busy, and at shutdown
+        if hasattr(engine, "stats_window_s"):
+            engine.stats_window_s = cfg.stats_log_s  # each line's percentiles cover the time since the last
+        stats_log = StatsLogger(servicer.stats, cfg.stats_log_s, logging.getLogger("vocoder_service.stats"),
+                                is_busy=lambda s: s["active_streams"] > 0)
+        stats_log.start()
+        server.on_stop.append(stats_log.stop)
     return server, servicer
 
 

@@ -67,7 +67,7 @@ def test_cli_against_a_running_pair(capsys):
 def test_services_section_on_cpu_tiny(demo_tiny_dir, tmp_path):
     results: dict = {}
     services_section(demo_tiny_dir, [1, 2], results, device="cpu", max_new_tokens=10, c1_requests=3,
-                     level_time_s=20, log_dir=tmp_path, ready_timeout_s=180)
+                     level_time_s=20, log_dir=tmp_path, ready_timeout_s=180, stats_log_s=0.5)
     svc = results["services"]
     assert svc["exit_codes"] == {"token_service": 0, "vocoder_service": 0}
     assert svc["ttfa_c1_p50_ms"] > 0 and svc["ttfa_c1_p90_ms"] >= svc["ttfa_c1_p50_ms"]
@@ -79,4 +79,10 @@ def test_services_section_on_cpu_tiny(demo_tiny_dir, tmp_path):
         for key in ("ttfa_p50_ms", "ttfa_p99_ms", "underruns", "audio_s_per_s", "errors"):  # bench/gpu_bench.py's keys
             assert key in level
     assert set(svc["gpu_mem_MB"]) >= {"total"}  # None values on a machine without nvidia-smi
+    # TTS_STATS_LOG_S: both engines' statistics cut per level from the services' logs
+    for level in [svc["c1"], *svc["sweep"].values()]:
+        voc, tok = level["engine_stats"]["vocoder_service"], level["engine_stats"]["token_service"]
+        assert voc["lines"] >= 1 and voc["delta"]["tokens"] > 0 and voc["mean"]["push_rows"] >= 1, voc
+        assert 0 < voc["busy_frac"] <= 1.0 and "queue_wait_ms" in voc["mean"]
+        assert tok["lines"] >= 1 and tok["delta"]["tokens"] > 0 and tok["per_s"]["steps"] > 0, tok
     assert all(v > 0 for v in svc["rss_MB"]["end"].values())

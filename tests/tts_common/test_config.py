@@ -45,7 +45,7 @@ def test_help_lists_env_and_defaults():
 def _table_rows() -> dict[str, tuple[str, str, str]]:
     rows = {}
     for line in (ROOT / "docs" / "ARCHITECTURE.md").read_text().splitlines():
-        m = re.match(r"\| `(TTS_[A-Z_]+)` \| `(--[a-z-]+)` \| (.*?) \| (.*?) \|$", line)
+        m = re.match(r"\| `(TTS_[A-Z0-9_]+)` \| `(--[a-z0-9-]+)` \| (.*?) \| (.*?) \|$", line)
         if m:
             rows[m.group(1)] = (m.group(2), m.group(3), m.group(4))
     return rows

@@ -170,6 +170,29 @@ def test_load_engine_rejects_bad_settings(demo_tiny_dir):
         load_engine(_cfg(demo_tiny_dir, cuda_graphs=True))
 
 
+def test_chunk_tokens_setting_sets_the_step_size(demo_tiny_dir):
+    """``TTS_CHUNK_TOKENS`` reaches every session's StreamConfig: with 10, the chunks grow 4, 8, 10."""
+    import asyncio
+
+    from tts_common.config import ConfigError
+    from vocoder_service.engine.loader import load_engine
+
+    engine = load_engine(_cfg(demo_tiny_dir, chunk_tokens=10))
+    try:
+        async def run():
+            s = engine.open_session("", seed=0)
+            sizes = [(await s.push([5] * n)).size for n in (7, 8, 10)]  # 4 + 3 look-ahead, then 8, then 10
+            s.close()
+            return sizes
+        # the first step keeps its last frames back for the cross-fade; later steps return exactly their
+        # chunk (the default 25 would need 16 + 3 tokens for a third step: no audio for the third push)
+        assert asyncio.run(run())[1:] == [8 * 960, 10 * 960]
+    finally:
+        engine.shutdown()
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        _cfg(demo_tiny_dir, chunk_tokens=0)
+
+
 def test_graph_batch_must_be_a_bucket(tiny_model):
     from vocoder_service.s3gen.accel import prepare_s3gen
 

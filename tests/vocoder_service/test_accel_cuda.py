@@ -38,9 +38,11 @@ def test_graphed_stream_equals_eager(tiny_model, tiny_voice):
     first = _stream(graphed, tiny_voice, tok, seed=1)   # captures
     again = _stream(graphed, tiny_voice, tok, seed=1)   # replays
     stats = graphed.graphs.stats()
-    assert stats["flow_padded"]["graphs"] >= 1 and stats["flow_padded"]["eager_shapes"] == 0, stats
-    assert stats["decode"]["eager_shapes"] == 0, stats  # the overlap-add iSTFT is capturable
-    assert stats["flow_padded"]["replays"] > stats["flow_padded"]["captures"]
+    # default path: flow noise hashed inside the flow graphs, F0 + source noise + source in one graph
+    for name in ("flow_noised", "flow_padded_noised", "f0_source", "decode"):
+        assert stats[name]["graphs"] >= 1 and stats[name]["eager_shapes"] == 0, (name, stats)
+        assert stats[name]["replays"] > stats[name]["captures"], (name, stats)
+    assert stats["flow_padded"]["graphs"] == stats["f0"]["graphs"] == 0, stats  # only for noise_on_host
     assert first.numel() == ref.numel() == 80 * 960
     assert rel(first, ref) <= 1e-4 and rel(again, ref) <= 1e-4
 
@@ -83,8 +85,9 @@ def test_warm_up_captures_every_schedule_shape(tiny_model, tiny_voice):
     for i in range(0, 100, 5):
         push_batch(sessions, [t[i:i + 5] for t in tok])
     after = graphed.graphs.stats()
-    assert after["flow_padded"]["captures"] == before["flow_padded"]["captures"], (before, after)
-    assert after["flow_padded"]["replays"] > before["flow_padded"]["replays"]
+    for name in ("flow_noised", "flow_padded_noised", "f0_source", "decode"):
+        assert after[name]["captures"] == before[name]["captures"], (name, before, after)
+        assert after[name]["replays"] > before[name]["replays"], name
 
 
 def test_batch_above_largest_bucket_runs_in_slices(tiny_model, tiny_voice):
@@ -103,6 +106,36 @@ def test_batch_above_largest_bucket_runs_in_slices(tiny_model, tiny_voice):
     for o, s in zip(outs, sessions):
         o.append(s.finish())
     stats = graphed.graphs.stats()
-    assert stats["flow_padded"]["eager_shapes"] == 0 and stats["flow_padded"]["graphs"] >= 2, stats
+    assert stats["flow_padded_noised"]["eager_shapes"] == 0 and stats["flow_padded_noised"]["graphs"] >= 2, stats
     for o, ref in zip(outs, solo):
         assert rel(torch.cat(o), ref) <= 2e-3
+
+
+def test_graphed_step_has_no_host_sync_before_the_audio(tiny_model, tiny_voice, monkeypatch):
+    # a steady push: the step's index data goes up in one non_blocking copy per group and nothing
+    # in the flow or HiFT part synchronises; the audio read-back after them is the step's one sync
+    from vocoder_service.s3gen import streaming
+
+    graphed = _on_cuda(tiny_model, cuda_graphs=True)
+    s = StreamingSession(graphed, tiny_voice, seed=3)
+    tok = torch.randint(0, tiny_model.cfg.vocab_size, (130,), generator=torch.Generator().manual_seed(6)).tolist()
+    s.push(tok[:78])
+    s.push(tok[78:103])  # captures the steady shape
+    uploads = []
+    real_upload, real_flow, real_hift = streaming._to_device, streaming.flow_rows, streaming.hift_rows
+
+    def strict(fn):
+        def run(*a, **k):
+            torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+            try:
+                return fn(*a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
+    monkeypatch.setattr(streaming, "_to_device", lambda parts, dev: uploads.append(len(parts)) or real_upload(parts, dev))
+    monkeypatch.setattr(streaming, "flow_rows", strict(real_flow))
+    monkeypatch.setattr(streaming, "hift_rows", strict(real_hift))
+    torch.cuda.synchronize()
+    out = s.push(tok[103:128])
+    assert out.numel() == 25 * 960
+    assert uploads == [4, 1], uploads  # flow group (tokens, lengths, noise index), HiFT (noise index)

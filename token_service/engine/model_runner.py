@@ -35,6 +35,13 @@ group compiles them for every batch bucket in :meth:`ModelRunner.ensure_group`, 
 capture's warm-up, so the captured graphs hold the Triton kernels. If compiling (or capturing the
 compiled step) fails, the runner logs a warning, records it in ``compile_status`` and goes on
 with the eager step; it never fails the engine for it.
+
+``RunnerShape.kernels = "triton"`` computes the logits of batch buckets up to
+``RunnerShape.fused_max_batch`` (2) with ``FusedDecode`` (hand-written Triton kernels, ~5 per layer);
+larger buckets keep the path above. Those kernels read each row's attended length from
+``positions`` on the device, so such a bucket has ONE graph (key ``(n, max_seq_len)``) instead of
+one per KV bucket. Without Triton, or when a kernel fails to compile or run at start-up, the runner
+logs a warning, records it in ``kernels_status`` and uses the torch step.
 """
 from __future__ import annotations
 
@@ -56,6 +63,8 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+KERNELS = ("torch", "triton")  # decode-step implementations of the small batch buckets
+FUSED_CHECK_REL = 0.1  # start-up check of the Triton step against the torch step (relative L2 of the logits)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256)  # padded [text | start] lengths of the CUDA prefill path
 
 
@@ -84,6 +93,11 @@ class RunnerShape:
     prefill_rows: int = 4  # sequences prefilled together in one staged run
     compile: bool = False  # decode step through torch.compile'd segments (t3.compiled)
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
+    kernels: str = "torch"  # torch | triton: batch buckets <= fused_max_batch through FusedDecode
+    # largest batch bucket of the Triton step (<= triton_decode.MAX_BATCH). Measured on an H100 (logits
+    # only, KV 512, bench/tune_triton_decode.py): Triton 0.63 / 1.16 / 2.20 / 3.95 ms at batch 1 / 2 / 4 / 8
+    # vs torch 1.27 / 1.29 / 1.31 / 1.38 ms: its GEMV wins only at batch 1 and 2
+    fused_max_batch: int = 2
 
 
 @dataclass
@@ -130,6 +144,18 @@ class ModelRunner:
                 self.compile_status = "on"
             except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
                 self._compile_failed(e, "setting up torch.compile")
+        self.fused = None  # t3.triton_decode.FusedDecode when kernels == "triton" and it works
+        self.kernels_status = "torch"  # torch | triton | fallback: <why> (torch step after a failure)
+        if shape.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {shape.kernels!r}")
+        if shape.kernels == "triton":
+            try:
+                from ..t3.triton_decode import FusedDecode
+
+                self.fused = FusedDecode(model, max_batch=shape.fused_max_batch)
+                self.kernels_status = "triton"
+            except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
+                self._fused_failed(e, "setting up the Triton decode kernels")
         self._pool = None  # one CUDA-graph memory pool for every group
         sizes = slot_groups(n, shape.first_group or n)
         self.groups: list[SlotGroup] = []
@@ -174,13 +200,19 @@ class ModelRunner:
                 g.cache = KVCache(self.model.cfg, g.size, self.shape.max_seq_len, device=self.device, dtype=self.dtype)
             if self.compiled is not None:
                 self.warm_up_compiled(g)
+            if self.fused is not None:
+                self.warm_up_fused(g)
             if self.use_graphs:
                 try:
                     self.capture_graphs(g)
                 except Exception as e:  # noqa: BLE001
-                    if self.compiled is None:
+                    if self.compiled is None and self.fused is None:
                         raise
-                    self._compile_failed(e, f"capturing the compiled decode step of slots {g.start}..")
+                    what = f"capturing the decode step of slots {g.start}.."
+                    if self.fused is not None:
+                        self._fused_failed(e, what)
+                    else:
+                        self._compile_failed(e, f"capturing the compiled decode step of slots {g.start}..")
                     g.graphs.clear()
                     self.capture_graphs(g)
             log.info("KV group %d: slots %d..%d allocated (%.2f GB)", index, g.start, g.start + g.size - 1,
@@ -210,14 +242,21 @@ class ModelRunner:
         k, L = self.shape.kv_bucket, self.shape.max_seq_len
         return sorted({min(L, m) for m in range(k, L + k, k)})
 
+    def fused_serves(self, n: int) -> bool:
+        """Whether batch bucket ``n`` runs the Triton step (its graph then serves every KV length)."""
+        return self.fused is not None and n <= self.fused.max_batch
+
     def graph_keys(self, group: SlotGroup | None = None) -> list[tuple[int, int]]:
-        """Every (batch bucket, KV bucket) a decode of ``group`` can ask for; one CUDA graph each."""
+        """Every (batch bucket, KV bucket) a decode of ``group`` can ask for; one CUDA graph each.
+        Buckets of the Triton step have one key, ``(n, max_seq_len)``."""
         group = group or self.groups[0]
-        return [(n, kv) for n in group.batch_sizes for kv in self._kv_buckets()]
+        return [(n, kv) for n in group.batch_sizes
+                for kv in ([self.shape.max_seq_len] if self.fused_serves(n) else self._kv_buckets())]
 
     def decode_key(self, n_rows: int, max_position: int, group: SlotGroup | None = None) -> tuple[int, int]:
         """The (batch bucket, KV bucket) a decode over ``n_rows`` rows of ``group`` up to ``max_position`` runs."""
-        return self.batch_bucket(n_rows, group), self.kv_bucket(max_position + 1)
+        n = self.batch_bucket(n_rows, group)
+        return n, self.shape.max_seq_len if self.fused_serves(n) else self.kv_bucket(max_position + 1)
 
     # ------------------------------------------------------------------ slots
     def activate(self, seq: Sequence, prefix: VoicePrefix) -> None:
@@ -363,11 +402,15 @@ class ModelRunner:
         """One decode step over rows ``0..n-1`` of group ``g``, entirely on the device (the captured region)."""
         a, b = g.start, g.start + n
         cd = self.compiled
-        if cd is None:
+        if self.fused_serves(n):  # kv_len is irrelevant here: each row attends up to its own position
+            logits = self.fused.logits(g.cache, n, self.tokens[a:b], self.positions[a:b])
+        elif cd is None:
             logits = decode_step(self.model, g.cache, n, self.tokens[a:b], self.positions[a:b], kv_len)
-            tok = self._sample(logits, slice(a, b), fast)
         else:
             logits = cd.logits(g.cache, n, self.tokens[a:b], self.positions[a:b], kv_len)
+        if cd is None:
+            tok = self._sample(logits, slice(a, b), fast)
+        else:
             if fast:
                 tok = cd.sample(logits, self.seen[a:b], self.temperature[a:b], self.top_k[a:b],
                                 self.top_p_threshold[a:b], self.top_p_on[a:b], self.penalty[a:b], self.seed[a:b],
@@ -426,6 +469,46 @@ class ModelRunner:
         if self.compiled is not None:
             log.info("compiled T3 decode step for slots %d..%d (batch %s) in %.1f s", g.start, g.start + g.size - 1,
                      list(g.batch_sizes), time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ Triton decode kernels (opt-in)
+    def _fused_failed(self, err: BaseException, what: str) -> None:
+        """Give up on the Triton step: warn, record why, run the torch step from now on."""
+        self.fused = None
+        self.kernels_status = f"fallback: {what} failed: {type(err).__name__}: {str(err)[:300]}"
+        log.warning("T3 Triton decode kernels disabled, using the torch step (%s)", self.kernels_status, exc_info=err)
+
+    @torch.inference_mode()
+    def warm_up_fused(self, g: SlotGroup) -> None:
+        """Compile (and check) the Triton kernels for every batch bucket of ``g`` it serves: one step
+        each over the group's still idle rows, then their state is reset. Falls back on any failure:
+        an error, non-finite logits, or logits of the first bucket further than ``FUSED_CHECK_REL``
+        (relative L2) from the torch step's (a miscompiled kernel, not rounding: bf16 is ~1e-2). That
+        check attends to random keys/values at positions ``0 .. kv_bucket - 2`` of the idle rows (the
+        cache loop, not only the new token); prefill and decode overwrite them before any use."""
+        a, kv_len = g.start, self._kv_buckets()[0]
+        try:
+            for n in g.batch_sizes:
+                if self.fused_serves(n):
+                    tokens, positions = self.tokens[a:a + n], self.positions[a:a + n]
+                    want = None
+                    if n == g.batch_sizes[0]:
+                        for k, v in zip(g.cache.k, g.cache.v):
+                            k[:n, :, :kv_len - 1].normal_()
+                            v[:n, :, :kv_len - 1].normal_()
+                        positions.fill_(kv_len - 1)
+                        want = decode_step(self.model, g.cache, n, tokens, positions, kv_len)
+                    logits = self.fused.logits(g.cache, n, tokens, positions)
+                    if not bool(torch.isfinite(logits).all()):
+                        raise RuntimeError(f"non-finite logits from the Triton step at batch {n}")
+                    if want is not None:
+                        rel = float((logits - want).norm() / want.norm().clamp_min(1e-12))
+                        if rel > FUSED_CHECK_REL:
+                            raise RuntimeError(f"Triton logits differ from the torch step's at batch {n}: "
+                                               f"relative L2 error {rel:.3g} > {FUSED_CHECK_REL}")
+        except Exception as e:  # noqa: BLE001
+            self._fused_failed(e, f"running the Triton decode step for slots {g.start}..{g.start + g.size - 1}")
+        finally:
+            self._reset_rows(g)
 
     def _reset_rows(self, g: SlotGroup) -> None:
         rows = slice(g.start, g.start + g.size)

@@ -20,6 +20,27 @@ released on the worker thread after any step it is in.
 
 One engine serves one event loop at a time (the server's); the scheduler task starts on the loop of
 the first call and moves to a new loop only when used from one (tests run several loops in turn).
+
+Statistics (``stats()``; issue 6: where does a step's time go when the service is loaded). A *worker
+step* is one trip to the worker thread (``_run_step``: at most one call per session; its pushes run
+as one batch, its finishes as another). Besides the session counters, ``stats()`` holds, each as
+``{"n", "sum", "window_n", "p50", "p99", "max"}`` (``step_stats.Recent``: n / sum over all time,
+percentiles over the last ``stats_window_s`` seconds):
+
+* ``step_ms`` — worker wall time of each worker step; ``push_ms`` / ``finish_ms`` — its push batch /
+  finish batch part; ``open_ms`` — opening a backend session (first call of a session).
+* ``push_rows`` / ``finish_rows`` — sessions in a step's push / finish batch (steps with none add no
+  value); ``push_tokens`` — tokens per pushed row.
+* ``queue_wait_ms`` — per call: from ``push()`` / ``finish()`` handing it to the engine to its worker
+  step starting (waiting for the step before it, plus the hand-off).
+* ``idle_ms`` — the worker's gap between the end of one step and the start of the next;
+  ``handoff_ms`` — the part of that gap during which a call of the next step was already queued
+  (work waiting while the worker sat idle: event-loop / scheduling overhead).
+* ``resume_ms`` — from a step's end on the worker to the scheduler (event loop) resuming after it.
+
+``busy_s`` = ``step_ms.sum`` / 1000 and ``worker_steps`` = ``step_ms.n``; with two ``stats()`` taken
+Δt apart, Δbusy_s / Δt is the worker's busy fraction and Δpush_rows.sum / Δpush_rows.n the mean
+rows per push batch over that time. ``t`` is the wall clock (Unix seconds) when the stats were taken.
 """
 
 from __future__ import annotations
@@ -28,11 +49,14 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from vocoder_service.engine.step_stats import Recent
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +88,9 @@ class BackendSession(Protocol):
     def close(self) -> None: ...
 
 
+_TIMINGS = ("step_ms", "push_ms", "finish_ms", "open_ms", "push_rows", "finish_rows", "push_tokens",
+            "queue_wait_ms", "idle_ms", "handoff_ms", "resume_ms")
+
 OpenBackend = Callable[[str, "int | None"], BackendSession]
 StepBatch = Callable[[list[BackendSession], list[list[int]]], list[np.ndarray]]
 FinishBatch = Callable[[list[BackendSession]], list[np.ndarray]]
@@ -75,6 +102,7 @@ class _Call:
     op: str  # "push" | "finish" | "close"
     tokens: list[int] = field(default_factory=list)
     future: asyncio.Future | None = None
+    queued: float = 0.0  # perf_counter() when handed to the engine
 
 
 class VocoderEngine:
@@ -88,6 +116,7 @@ class VocoderEngine:
         finish_batch: optional batched finish over several backend sessions.
         max_batch: most calls (sessions) taken into one step.
         hold_pushes: sessions keep pushes below the backend's ``tokens_needed()`` (see BackendSession).
+        stats_window_s: the recent window of the percentiles in ``stats()`` (see the module docstring).
     """
 
     def __init__(
@@ -99,6 +128,7 @@ class VocoderEngine:
         finish_batch: FinishBatch | None = None,
         max_batch: int = 64,
         hold_pushes: bool = True,
+        stats_window_s: float = 10.0,
     ):
         if not voices:
             raise ValueError("a vocoder engine needs at least one voice")
@@ -121,6 +151,8 @@ class VocoderEngine:
         self._steps = 0
         self._batched_steps = 0
         self._tokens = 0
+        self._timing = {name: Recent(stats_window_s) for name in _TIMINGS}
+        self._worker_end: float | None = None  # perf_counter() at the end of the last worker step
 
     # ---------------------------------------------------------------- contract
     def voices(self) -> list[str]:
@@ -140,16 +172,34 @@ class VocoderEngine:
             self._opened += 1
         return VocoderSession(self, voice, seed)
 
-    def stats(self) -> dict[str, int]:
-        """``active_sessions`` (open, not yet closed), ``opened_sessions``, ``steps``, ``batched_steps``, ``tokens``."""
+    def stats(self) -> dict[str, Any]:
+        """``active_sessions`` (open, not yet closed), ``opened_sessions``, ``steps`` (backend calls),
+        ``batched_steps``, ``tokens``, then the worker statistics of the module docstring."""
         with self._lock:
-            return {
+            out: dict[str, Any] = {
                 "active_sessions": self._active,
                 "opened_sessions": self._opened,
                 "steps": self._steps,
                 "batched_steps": self._batched_steps,
                 "tokens": self._tokens,
+                "t": round(time.time(), 3),
+                "worker_steps": self._timing["step_ms"].n,
+                "busy_s": round(self._timing["step_ms"].sum, 4),
             }
+            for name, rec in self._timing.items():
+                out[name] = rec.summary(1000.0 if name.endswith("_ms") else 1.0)
+            return out
+
+    @property
+    def stats_window_s(self) -> float:
+        """The recent window (seconds) of the percentiles in ``stats()``."""
+        return self._timing["step_ms"].window_s
+
+    @stats_window_s.setter
+    def stats_window_s(self, seconds: float) -> None:
+        with self._lock:
+            for rec in self._timing.values():
+                rec.window_s = float(seconds)
 
     def shutdown(self) -> None:
         """Stop the scheduler and the worker thread (pending calls are cancelled)."""
@@ -174,6 +224,7 @@ class VocoderEngine:
             self._scheduler = loop.create_task(self._schedule(), name="vocoder-scheduler")
         if call.op != "close":
             call.future = loop.create_future()
+        call.queued = time.perf_counter()
         self._pending.append(call)
         self._wake.set()
         return call.future
@@ -202,6 +253,10 @@ class VocoderEngine:
                 except Exception as exc:  # the whole step failed: fail its callers
                     log.exception("vocoder step failed")
                     results = [exc] * len(batch)
+                resumed = time.perf_counter()
+                with self._lock:
+                    if self._worker_end is not None:
+                        self._timing["resume_ms"].add(max(0.0, resumed - self._worker_end))
                 for call, result in zip(batch, results):
                     if call.future is None or call.future.done():
                         continue
@@ -212,6 +267,9 @@ class VocoderEngine:
 
     def _run_step(self, batch: list[_Call]) -> list[Any]:
         """Worker thread: run one call per session; pushes (and finishes) batched when the backend can."""
+        start = time.perf_counter()
+        opens: list[float] = []
+        solo = {"push": ([], 0.0), "finish": ([], 0.0)}  # calls run one by one (no batched entry)
         results: list[Any] = [None] * len(batch)
         pushes, finishes = [], []
         for i, call in enumerate(batch):
@@ -220,22 +278,35 @@ class VocoderEngine:
                 s._release_backend()
                 continue
             if s._backend is None:
+                t0 = time.perf_counter()
                 try:
                     s._backend = self._open_backend(s.voice, s.seed)
                 except Exception as exc:
                     results[i] = exc
                     continue
+                finally:
+                    opens.append(time.perf_counter() - t0)
             if call.op == "push" and self._step_batch is not None:
                 pushes.append(i)
             elif call.op == "finish" and self._finish_batch is not None:
                 finishes.append(i)
             else:
+                t0 = time.perf_counter()
                 results[i] = self._run_one(call)
+                rows, dt = solo[call.op]
+                solo[call.op] = (rows + [i], dt + time.perf_counter() - t0)
+        t_push = solo["push"][1] if solo["push"][0] else None
+        t_finish = solo["finish"][1] if solo["finish"][0] else None
         if pushes:
+            t0 = time.perf_counter()
             self._run_batched(batch, pushes, results,
                               lambda bs: self._step_batch(bs, [batch[i].tokens for i in pushes]))
+            t_push = (t_push or 0.0) + time.perf_counter() - t0
         if finishes:
+            t0 = time.perf_counter()
             self._run_batched(batch, finishes, results, self._finish_batch)
+            t_finish = (t_finish or 0.0) + time.perf_counter() - t0
+        pushes, finishes = pushes + solo["push"][0], finishes + solo["finish"][0]
         for call in batch:
             s = call.session
             if s._closed and call.op != "close":  # closed while its call ran: release it now
@@ -245,7 +316,34 @@ class VocoderEngine:
                     s._need = int(s._backend.tokens_needed())
                 except Exception:  # noqa: BLE001 - a backend that cannot tell gets every push
                     s._need = 0
+        self._record_step(batch, start, time.perf_counter(), opens, pushes, t_push, finishes, t_finish)
         return results
+
+    def _record_step(self, batch: list[_Call], start: float, end: float, opens: list[float],
+                     pushes: list[int], t_push: float | None, finishes: list[int], t_finish: float | None) -> None:
+        """Worker thread: one worker step's figures into the statistics (module docstring)."""
+        calls = [c for c in batch if c.op != "close"]
+        tm = self._timing
+        with self._lock:
+            prev_end, self._worker_end = self._worker_end, end
+            tm["step_ms"].add(end - start)
+            if prev_end is not None:
+                tm["idle_ms"].add(max(0.0, start - prev_end))
+                if calls:  # idle while a call of this step already waited
+                    first = min(c.queued for c in calls)
+                    tm["handoff_ms"].add(max(0.0, start - max(prev_end, first)))
+            for c in calls:
+                tm["queue_wait_ms"].add(max(0.0, start - c.queued))
+            for dt in opens:
+                tm["open_ms"].add(dt)
+            if t_push is not None:
+                tm["push_ms"].add(t_push)
+                tm["push_rows"].add(len(pushes))
+                for i in pushes:
+                    tm["push_tokens"].add(len(batch[i].tokens))
+            if t_finish is not None:
+                tm["finish_ms"].add(t_finish)
+                tm["finish_rows"].add(len(finishes))
 
     def _run_batched(self, batch: list[_Call], idx: list[int], results: list[Any],
                      run: Callable[[list[BackendSession]], list[np.ndarray]]) -> None:

@@ -132,7 +132,8 @@ def load_engine(cfg) -> VocoderEngine:
     from vocoder_service.s3gen.streaming import StreamConfig
 
     stream_config = StreamConfig(pad_windows=bool(getattr(cfg, "pad_flow_windows", True)),
-                                 noise_on_host=bool(getattr(cfg, "noise_on_host", False)))
+                                 noise_on_host=bool(getattr(cfg, "noise_on_host", False)),
+                                 chunk_tokens=int(getattr(cfg, "chunk_tokens", 25)))
     engine = s3gen_engine(model, voices, stream_config=stream_config, max_batch=int(getattr(cfg, "max_batch", 64)),
                           hold_pushes=bool(getattr(cfg, "hold_pushes", True)))
     if graphs:  # capture the chunk shapes of the default voice now, not on the first streams

@@ -16,8 +16,10 @@
   ``warm_up_streaming`` captures the schedule's shapes before serving. A streaming
   session has few shapes (first chunk: always the same; later chunks: one per chunk size until
   ``context_tokens`` tokens are committed, then static), times the batch sizes ``push_batch``
-  sees. ``stream_step`` uses them through ``flow_fn`` / ``f0_fn`` / ``decode_fn``; the offline
-  API (variable lengths) stays eager.
+  sees. ``stream_step`` uses them through ``flow_noised_fn`` / ``flow_padded_noised_fn`` /
+  ``f0_source_fn`` / ``decode_fn`` (the flow and source noise are hashed inside the graphs;
+  ``flow_fn`` / ``flow_padded_fn`` / ``f0_fn`` serve ``noise_on_host``); the offline API
+  (variable lengths) stays eager.
 
 What is not cached, and why: the encoder and the estimator attend over the whole window (prompt +
 context + chunk, no chunk mask), so the prompt's hidden states change with every chunk; only the
@@ -180,12 +182,18 @@ class S3GenGraphs:
         kw = dict(max_graphs=max_graphs, batch_buckets=batch_buckets, shared=GraphMemory())
         self.flow = CudaGraphCache(model.flow, "flow", **kw)
         self.flow_padded = CudaGraphCache(model.flow.forward_padded, "flow.padded", **kw)
+        # the same two flows with their noise hashed inside the graph (the default; the two above
+        # serve ``noise_on_host``): graphs are captured on first use only, so unused caches cost nothing
+        self.flow_noised = CudaGraphCache(model.flow.forward_noised, "flow.noised", **kw)
+        self.flow_padded_noised = CudaGraphCache(model.flow.forward_padded_noised, "flow.padded.noised", **kw)
         self.f0 = CudaGraphCache(model.mel2wav.f0_at_samples, "hift.f0", **kw)
+        self.f0_source = CudaGraphCache(model.mel2wav.f0_source, "hift.f0_source", **kw)  # with noise inside
         self.decode = CudaGraphCache(model.mel2wav.decode, "hift.decode", **kw)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {"flow": self.flow.stats(), "flow_padded": self.flow_padded.stats(), "f0": self.f0.stats(),
-                "decode": self.decode.stats()}
+        return {"flow": self.flow.stats(), "flow_padded": self.flow_padded.stats(),
+                "flow_noised": self.flow_noised.stats(), "flow_padded_noised": self.flow_padded_noised.stats(),
+                "f0": self.f0.stats(), "f0_source": self.f0_source.stats(), "decode": self.decode.stats()}
 
 
 def flow_fn(model) -> Callable:
@@ -200,9 +208,27 @@ def flow_padded_fn(model) -> Callable:
     return g.flow_padded if g is not None else model.flow.forward_padded
 
 
+def flow_noised_fn(model) -> Callable:
+    """``model.flow.forward_noised`` or its graphed form."""
+    g = getattr(model, "graphs", None)
+    return g.flow_noised if g is not None else model.flow.forward_noised
+
+
+def flow_padded_noised_fn(model) -> Callable:
+    """``model.flow.forward_padded_noised`` or its graphed form."""
+    g = getattr(model, "graphs", None)
+    return g.flow_padded_noised if g is not None else model.flow.forward_padded_noised
+
+
 def f0_fn(model) -> Callable:
     g = getattr(model, "graphs", None)
     return g.f0 if g is not None else model.mel2wav.f0_at_samples
+
+
+def f0_source_fn(model) -> Callable:
+    """``model.mel2wav.f0_source`` or its graphed form."""
+    g = getattr(model, "graphs", None)
+    return g.f0_source if g is not None else model.mel2wav.f0_source
 
 
 def decode_fn(model) -> Callable:

@@ -17,6 +17,7 @@ from torch import nn
 from .config import S3GenConfig
 from .encoder import UpsampleConformerEncoder
 from .estimator import MeanflowEstimator
+from .noise import hashed_normal
 
 
 class MeanflowDecoder(nn.Module):
@@ -106,3 +107,25 @@ class TokenToMel(nn.Module):
         mask = (torch.arange(Fr, device=mu.device) < mel_lengths[:, None]).unsqueeze(1).to(mu.dtype)  # (B, 1, F)
         mel = self.decoder(noise[:, :, :Fr], mu, mask, spk, cond)
         return mel[:, :, Fp:]
+
+    def _noise(self, n_tokens: int, prompt_noise: torch.Tensor, noise_index: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, ratio*n_tokens): ``prompt_noise`` (B, n_mels, Fp), then the positional flow noise
+        of the later frames, row b from frame ``noise_index[b, 1]`` on with key ``noise_index[b, 0]``."""
+        n = self.cfg.token_mel_ratio * n_tokens - prompt_noise.size(2)
+        fresh = hashed_normal(noise_index[:, 0], noise_index[:, 1], n, self.cfg.n_mels)
+        return torch.cat([prompt_noise, fresh], dim=2)
+
+    def forward_noised(self, tokens: torch.Tensor, prompt_feat: torch.Tensor, spk: torch.Tensor,
+                       prompt_noise: torch.Tensor, noise_index: torch.Tensor, drop_tail_frames: int = 0) -> torch.Tensor:
+        """``forward`` with its noise hashed inside (``_noise``): a captured graph draws the noise too,
+        instead of ~50 small eager kernels per step. noise_index: (B, 2) int64 (key, start frame) per row,
+        batch first like every graphed input (the graph cache pads and slices dim 0)."""
+        return self.forward(tokens, prompt_feat, spk, self._noise(tokens.size(1), prompt_noise, noise_index),
+                            drop_tail_frames)
+
+    def forward_padded_noised(self, tokens: torch.Tensor, prompt_feat: torch.Tensor, spk: torch.Tensor,
+                              prompt_noise: torch.Tensor, noise_index: torch.Tensor, token_lengths: torch.Tensor,
+                              mel_lengths: torch.Tensor) -> torch.Tensor:
+        """``forward_padded`` with its noise hashed inside (see ``forward_noised``)."""
+        return self.forward_padded(tokens, prompt_feat, spk, self._noise(tokens.size(1), prompt_noise, noise_index),
+                                   token_lengths, mel_lengths)

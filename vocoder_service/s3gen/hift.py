@@ -197,6 +197,28 @@ class HiFTGenerator(nn.Module):
         """mel (B, n_mels, T) -> F0 repeated per sample (B, T * frame_samples)."""
         return self.f0_predictor(mel).repeat_interleave(self.frame_samples, dim=1)
 
+    def f0_source(self, mel: torch.Tensor, phase: torch.Tensor, noise_index: torch.Tensor, cycles0: torch.Tensor,
+                  skip_frames: int = 0, end_sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A streaming step's F0 -> harmonic source in one call (one CUDA graph when captured).
+
+        mel: (B, n_mels, T); the F0 of its first ``skip_frames`` frames is dropped (left context).
+        phase: (B, H+1, 1) start phases; noise_index: (B, 2) int64 (key, first sample) of the
+        positional source noise (``noise.hashed_normal``, hashed here); cycles0: (B, H+1) cycles
+        run before. Returns the excitation of the new samples (B, 1, L) and the cycles (mod 1) at
+        sample ``end_sample - 1`` of them, (B, H+1) (``cycles0`` when ``end_sample`` is 0).
+        """
+        from .noise import hashed_normal
+
+        f0 = self.f0_at_samples(mel)[:, skip_frames * self.frame_samples:]
+        src = self.m_source
+        noise = hashed_normal(noise_index[:, 0], noise_index[:, 1], f0.size(1), src.harmonics)
+        excitation, _ = src(f0, SourceNoise(phase, noise), cycles0)
+        if end_sample <= 0:
+            return excitation, cycles0.clone()
+        mult = torch.arange(1, src.harmonics + 1, device=f0.device, dtype=f0.dtype).view(1, -1, 1)
+        cycles = (torch.cumsum(f0.unsqueeze(1) * mult / src.sample_rate, dim=-1) + cycles0.unsqueeze(-1)) % 1
+        return excitation, cycles[:, :, end_sample - 1]
+
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """mel (B, n_mels, T), excitation (B, 1, T*frame_samples) -> audio (B, T*frame_samples)."""
         spec = torch.stft(source.squeeze(1), self.n_fft, self.hop, self.n_fft, window=self.stft_window,

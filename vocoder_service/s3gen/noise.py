@@ -58,6 +58,13 @@ class PositionalNoise:
             raise ValueError(f"noise seed must be in [0, 2**63), got {seed}")
         self.seed, self.n_mels, self.harmonics = int(seed), n_mels, harmonics
 
+    def key(self, stream: int) -> int:
+        """This seed's 32-bit key of one noise stream, as a Python int (hashed once, on the host)."""
+        cache = self.__dict__.setdefault("_key_cache", {})
+        if stream not in cache:
+            cache[stream] = int(stream_keys(torch.tensor([self.seed], dtype=torch.int64), stream)[0])
+        return cache[stream]
+
     def _keys(self, stream: int, device) -> Tensor:
         return stream_keys(torch.tensor([self.seed], dtype=torch.int64, device=device), stream)
 

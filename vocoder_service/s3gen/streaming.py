@@ -43,14 +43,16 @@ Design (docs/ARCHITECTURE.md, "Vocoder streaming", has the measured numbers):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from .accel import decode_fn, f0_fn, flow_fn, flow_padded_fn
+from .accel import decode_fn, f0_fn, f0_source_fn, flow_fn, flow_noised_fn, flow_padded_fn, flow_padded_noised_fn
 from .hift import SourceNoise
 from .model import S3GenModel, VoiceCond, check_tokens, trim_fade
-from .noise import MEL_STREAM, SOURCE_STREAM, PositionalNoise, hashed_normal, stream_keys
+from .noise import MEL_STREAM, SOURCE_STREAM, PositionalNoise, hashed_normal
 
 
 class SessionClosed(RuntimeError):
@@ -113,9 +115,54 @@ def new_state(model: S3GenModel, voice: VoiceCond, seed: int) -> StreamState:
     with torch.inference_mode():
         spk = model.flow.speaker(voice.embedding)
     n_mels, dev = cfg.n_mels, model.device
+    # constants of the session made at open, not in its first step (which the first audio waits for)
+    for stream in (MEL_STREAM, SOURCE_STREAM):
+        noise.key(stream)
     return StreamState(voice=voice, noise=noise, spk=spk, phase=noise.source_phase(dev),
                        mel_hist=torch.zeros(n_mels, 0, device=dev), mel_pending=torch.zeros(n_mels, 0, device=dev),
-                       src_hist=torch.zeros(1, 0, device=dev), cycles=torch.zeros(cfg.hift_harmonics + 1, device=dev))
+                       src_hist=torch.zeros(1, 0, device=dev), cycles=torch.zeros(cfg.hift_harmonics + 1, device=dev),
+                       prompt_noise=noise.mel(0, voice.n_prompt_frames, device=dev),
+                       prompt_tokens_cpu=_prompt_tokens_host(voice))
+
+
+_PROMPT_HOST = WeakTensorKeyDictionary()  # a voice's prompt tokens (on the device) -> their host copy
+
+
+def _prompt_tokens_host(voice: VoiceCond) -> torch.Tensor:
+    """(Tp,) host int64 prompt tokens of ``voice``: one device -> host read per voice, not per session."""
+    t = voice.prompt_token
+    host = _PROMPT_HOST.get(t)
+    if host is None:
+        host = _PROMPT_HOST[t] = t[0].cpu()
+    return host
+
+
+def _to_device(parts: Sequence[torch.Tensor], dev) -> list[torch.Tensor]:
+    """Small host int64 tensors (a step's tokens, lengths, noise keys / positions) -> tensors of the
+    same shapes on ``dev``, through ONE host buffer and ONE copy. On CUDA the buffer is pinned and
+    the copy ``non_blocking``: no host sync, the copy is queued before the kernels that read it
+    (the caching host allocator keeps the buffer until the copy is done). On the host: views."""
+    dev = torch.device(dev)
+    cuda = dev.type == "cuda"
+    buf = torch.empty(sum(p.numel() for p in parts), dtype=torch.int64, pin_memory=cuda)
+    torch.cat([p.reshape(-1).to(torch.int64) for p in parts], out=buf)
+    flat = buf if dev.type == "cpu" else buf.to(dev, non_blocking=cuda)
+    out, i = [], 0
+    for p in parts:
+        out.append(flat[i:i + p.numel()].view(p.shape))
+        i += p.numel()
+    return out
+
+
+@lru_cache(maxsize=64)
+def _fade_in_table(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _fade_in(n, device, dtype)
+
+
+@lru_cache(maxsize=16)
+def _start_fade(sample_rate: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Upstream's start fade gains (``trim_fade``) over its whole length ``2 * sample_rate // 50``, on ``device``."""
+    return trim_fade(2 * (sample_rate // 50), sample_rate, device, dtype)
 
 
 def _stack_equal(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
@@ -139,21 +186,44 @@ def _window(s: StreamState, chunk: torch.Tensor, ahead: torch.Tensor, config: St
     return torch.cat([s.prompt_tokens_cpu, ctx, chunk.cpu(), ahead.cpu()]), s.voice.n_prompt_frames + ratio * start, nctx
 
 
-def _batch_noise(states: Sequence[StreamState], stream: int, starts: Sequence[int], length: int, rows: int,
-                 config: StreamConfig, dev) -> torch.Tensor:
-    """Every row's positional noise of ``stream`` from position ``starts[b]`` on: (B, rows, length) on
-    ``dev``, hashed there (or on the host with ``config.noise_on_host``)."""
-    where = torch.device("cpu") if config.noise_on_host else dev
-    seeds = torch.tensor([s.noise.seed for s in states], dtype=torch.int64)
-    keys = stream_keys(seeds, stream).to(where)
-    return hashed_normal(keys, torch.tensor(starts, dtype=torch.int64).to(where), length, rows).to(dev)
+def _noise_index(states: Sequence[StreamState], stream: int, starts: Sequence[int]) -> torch.Tensor:
+    """(B, 2) host int64: every row's key of noise ``stream`` (a session constant) and start position
+    (batch first, as the graph caches pad and slice dim 0)."""
+    return torch.tensor([[s.noise.key(stream), int(a)] for s, a in zip(states, starts)], dtype=torch.int64)
 
 
-def _flow_noise(states: Sequence[StreamState], starts: list[int], n_frames: int, n_mels: int, config: StreamConfig,
-                dev) -> torch.Tensor:
-    """(B, n_mels, Fp + n_frames): each row's prompt noise, then its noise from frame ``starts[b]`` on."""
-    fresh = _batch_noise(states, MEL_STREAM, starts, n_frames, n_mels, config, dev)
+def _batch_noise(index: torch.Tensor, index_dev: torch.Tensor | None, length: int, rows: int, config: StreamConfig,
+                 dev) -> torch.Tensor:
+    """Every row's positional noise from position ``index[b, 1]`` on, key ``index[b, 0]``: (B, rows, length)
+    on ``dev``, hashed there from ``index_dev`` (the index already on the device), or on the host
+    from ``index`` with ``config.noise_on_host`` (then copied)."""
+    if config.noise_on_host or index_dev is None:
+        return hashed_normal(index[:, 0], index[:, 1], length, rows).to(dev)
+    return hashed_normal(index_dev[:, 0], index_dev[:, 1], length, rows)
+
+
+def _flow_noise(states: Sequence[StreamState], index: torch.Tensor, index_dev: torch.Tensor | None, n_frames: int,
+                n_mels: int, config: StreamConfig, dev) -> torch.Tensor:
+    """(B, n_mels, Fp + n_frames): each row's prompt noise, then its noise from frame ``index[b, 1]`` on."""
+    fresh = _batch_noise(index, index_dev, n_frames, n_mels, config, dev)
     return torch.cat([_stack_equal([s.prompt_noise for s in states], "prompt noise"), fresh], dim=2)
+
+
+def _prompt_noise(states: Sequence[StreamState]) -> torch.Tensor:
+    """(B, n_mels, Fp) the rows' prompt noise (a view for one row: no copy kernel)."""
+    if len(states) == 1:
+        return states[0].prompt_noise.unsqueeze(0)
+    return _stack_equal([s.prompt_noise for s in states], "prompt noise")
+
+
+def _stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; a single row as a view (no copy kernel)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def _rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of (1, ...) rows; a single row as it is (no copy kernel)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
 def lookahead_tokens(model, config: StreamConfig) -> int:
@@ -178,8 +248,14 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
     frames ``(n_mels, ratio * len(chunks[b]))`` (on the model's device; empty for an empty chunk).
 
     With ``config.pad_windows`` and a model whose flow has ``forward_padded``, rows of one prompt
-    length run as one batch in one window shape (right-padded, masked: the same numbers as alone);
-    otherwise rows run in groups of equal window shape. States are not changed.
+    length run as one batch in one window shape (right-padded, masked: the same numbers as alone),
+    except first chunks: their windows all have the width ``Tp + first_window`` (nothing to pad),
+    so they run as one batch through the unmasked flow (fewer kernels, flash attention in the
+    decoder), the same graph family per batch bucket as a narrow padded window would be.
+    Otherwise rows run in groups of equal window shape. The flow noise is hashed inside the flow
+    (its CUDA graph) unless ``config.noise_on_host`` or the flow cannot (exported graphs). Each
+    group's tokens, lengths and noise keys / positions reach the device in one copy
+    (``_to_device``). States are not changed.
     """
     cfg, dev = model.cfg, model.device
     ratio = cfg.token_mel_ratio
@@ -191,13 +267,16 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
         else:
             rows.append((b, *_window(s, c, a, config, ratio, dev)))
     padded = config.pad_windows and hasattr(model.flow, "forward_padded")
+    # the noise hashed inside the flow (its graph): a model whose flow can (not the exported graphs)
+    inside = not config.noise_on_host and hasattr(model.flow, "forward_noised")
+    la_first = lookahead_tokens(model, config)
     groups: dict[tuple, list] = {}
     for row in rows:
         b, win = row[0], row[1]
         tp = states[b].voice.n_prompt_tokens
-        if padded:  # first chunks (short windows) get their own, narrower padded window: the first
-            # audio of a stream waits for nothing wider than it needs
-            key = ("padded", tp, win.numel() <= tp + first_window(model, config))
+        if padded:  # first chunks: one exact width, unmasked; every other window: one padded width
+            first = win.numel() == tp + first_window(model, config) and aheads[b].numel() == la_first
+            key = ("first", tp) if first else ("padded", tp)
         else:
             key = ("exact", win.numel(), aheads[b].numel())
         groups.setdefault(key, []).append(row)
@@ -205,11 +284,11 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
         idx = [r[0] for r in group]
         sts = [states[b] for b in idx]
         tp = sts[0].voice.n_prompt_tokens
-        starts = [r[2] for r in group]
-        feat = torch.cat([s.voice.prompt_feat for s in sts])
-        spk = torch.cat([s.spk for s in sts])
+        index = _noise_index(sts, MEL_STREAM, [r[2] for r in group])
+        feat = _rows([s.voice.prompt_feat for s in sts])
+        spk = _rows([s.spk for s in sts])
         if key[0] == "padded":
-            width = tp + (first_window(model, config) if key[2] else padded_window(model, config))
+            width = tp + padded_window(model, config)
             if max(r[1].numel() for r in group) > width:
                 raise ValueError(f"a flow window exceeds the padded width {width} (config {config})")
             tok = torch.zeros(len(group), width, dtype=torch.long)
@@ -217,16 +296,24 @@ def flow_rows(model: S3GenModel, states: Sequence[StreamState], chunks: Sequence
                 tok[k, :r[1].numel()] = r[1]
             tok_len = torch.tensor([r[1].numel() for r in group])
             mel_len = ratio * (tok_len - torch.tensor([aheads[b].numel() for b in idx]))
-            noise = _flow_noise(sts, starts, ratio * (width - tp), cfg.n_mels, config, dev)
-            mel = flow_padded_fn(model)(tok.to(dev), feat, spk, noise, tok_len.to(dev), mel_len.to(dev))
+            tok_d, tok_len_d, mel_len_d, index_d = _to_device([tok, tok_len, mel_len, index], dev)
+            if inside:
+                mel = flow_padded_noised_fn(model)(tok_d, feat, spk, _prompt_noise(sts), index_d, tok_len_d, mel_len_d)
+            else:
+                noise = _flow_noise(sts, index, index_d, ratio * (width - tp), cfg.n_mels, config, dev)
+                mel = flow_padded_fn(model)(tok_d, feat, spk, noise, tok_len_d, mel_len_d)
             for k, r in enumerate(group):  # row k's chunk frames follow its context
                 n = chunks[r[0]].numel()
                 out[r[0]] = mel[k, :, ratio * r[3]:ratio * (r[3] + n)]
         else:
             la = aheads[idx[0]].numel()
-            tok = torch.stack([r[1] for r in group]).to(dev)
-            noise = _flow_noise(sts, starts, ratio * (tok.size(1) - tp), cfg.n_mels, config, dev)
-            mel = flow_fn(model)(tok, feat, spk, noise, drop_tail_frames=ratio * la)
+            tok = torch.stack([r[1] for r in group])
+            tok_d, index_d = _to_device([tok, index], dev)
+            if inside:
+                mel = flow_noised_fn(model)(tok_d, feat, spk, _prompt_noise(sts), index_d, drop_tail_frames=ratio * la)
+            else:
+                noise = _flow_noise(sts, index, index_d, ratio * (tok.size(1) - tp), cfg.n_mels, config, dev)
+                mel = flow_fn(model)(tok_d, feat, spk, noise, drop_tail_frames=ratio * la)
             for k, r in enumerate(group):
                 out[r[0]] = mel[k, :, mel.size(2) - ratio * chunks[r[0]].numel():]
     return out  # type: ignore[return-value]
@@ -250,36 +337,43 @@ def hift_rows(model: S3GenModel, states: Sequence[StreamState], mel: torch.Tenso
               config: StreamConfig) -> torch.Tensor:
     """The HiFT part of a step: rows' new mel frames ``(B, n_mels, ratio*n)`` -> their new audio
     ``(B, L)``; commits the ``n`` tokens in every state. Rows need equal HiFT context / pending /
-    tail lengths (one graph shape). Noise is drawn on the device for the whole batch."""
+    tail lengths (one graph shape). Noise is drawn on the device for the whole batch: with the
+    F0 predictor and the harmonic source in one call (``mel2wav.f0_source``, one CUDA graph), or
+    eagerly after the F0 graph with ``config.noise_on_host`` / a HiFT without ``f0_source``."""
     cfg = model.cfg
     dev = model.device
-    B = mel.size(0)
     hop = cfg.hop_samples
 
     # ---- HiFT: left context + pending frames
     if len({(s.mel_hist.size(1), s.mel_pending.size(1)) for s in states}) != 1:
         raise ValueError("stream_step batch needs equal HiFT context / pending lengths in every row")
-    mel_in = torch.cat([torch.stack([s.mel_hist for s in states]), torch.stack([s.mel_pending for s in states]), mel], dim=2)
+    index = _noise_index(states, SOURCE_STREAM, [s.emitted * hop for s in states])
+    index_d = None if config.noise_on_host else _to_device([index], dev)[0]  # queued before the graphs, no sync
+    mel_in = torch.cat([_stack_rows([s.mel_hist for s in states]), _stack_rows([s.mel_pending for s in states]), mel],
+                       dim=2)
     h = states[0].mel_hist.size(1)
     total = mel_in.size(2)
-    f0 = f0_fn(model)(mel_in)[:, h * hop:]  # new part only: (B, (total-h)*hop)
-    src_noise = _batch_noise(states, SOURCE_STREAM, [s.emitted * hop for s in states], f0.size(1),
-                             cfg.hift_harmonics + 1, config, dev)
-    rnd = SourceNoise(torch.stack([s.phase for s in states]), src_noise)
-    cycles0 = torch.stack([s.cycles for s in states])
-    src_new, _ = model.mel2wav.m_source(f0, rnd, cycles0)
-    waves_cycles = _cycles(model, f0, cycles0)
-    source = torch.cat([torch.stack([s.src_hist for s in states]), src_new], dim=2)
-    audio = decode_fn(model)(mel_in, source)  # (B, total*hop), starts at frame emitted-h
-
     hold = 0 if final else config.holdback_frames
     emit_frames = total - h - hold  # frames from ``emitted`` on that are returned now
+    phase = _stack_rows([s.phase for s in states])
+    cycles0 = _stack_rows([s.cycles for s in states])
+    if index_d is not None and hasattr(model.mel2wav, "f0_source"):  # F0, noise and source: one graph
+        src_new, cycles = f0_source_fn(model)(mel_in, phase, index_d, cycles0, skip_frames=h,
+                                              end_sample=max(0, emit_frames * hop))
+    else:
+        f0 = f0_fn(model)(mel_in)[:, h * hop:]  # new part only: (B, (total-h)*hop)
+        src_noise = _batch_noise(index, index_d, f0.size(1), cfg.hift_harmonics + 1, config, dev)
+        src_new, _ = model.mel2wav.m_source(f0, SourceNoise(phase, src_noise), cycles0)
+        cycles = _cycles(model, f0, cycles0)[:, :, emit_frames * hop - 1] if emit_frames > 0 else None
+    source = torch.cat([_stack_rows([s.src_hist for s in states]), src_new], dim=2)
+    audio = decode_fn(model)(mel_in, source)  # (B, total*hop), starts at frame emitted-h
+
     out = audio[:, h * hop:(h + emit_frames) * hop].float()
     tails = {s.tail.numel() if s.tail is not None else 0 for s in states}
     if out.size(1) and tails != {0}:  # cross-fade the held-back audio of the previous step
         if len(tails) == 1:
             x = min(tails.pop(), out.size(1))
-            w = _fade_in(x, out.device, out.dtype)
+            w = _fade_in_table(x, out.device, out.dtype)
             tail = torch.stack([s.tail[:x] for s in states])
             out = torch.cat([tail * (1 - w) + out[:, :x] * w, out[:, x:]], dim=1)
         else:  # rows with different tails (not produced by push_batch's grouping, but allowed)
@@ -287,23 +381,24 @@ def hift_rows(model: S3GenModel, states: Sequence[StreamState], mel: torch.Tenso
             for b, s in enumerate(states):
                 if s.tail is not None and s.tail.numel():
                     x = min(s.tail.numel(), out.size(1))
-                    w = _fade_in(x, out.device, out.dtype)
+                    w = _fade_in_table(x, out.device, out.dtype)
                     out[b, :x] = s.tail[:x] * (1 - w) + out[b, :x] * w
     fade_len = 2 * (cfg.sample_rate // 50)
     early = [b for b, s in enumerate(states) if s.emitted * hop < fade_len]
-    if early and out.size(1):  # upstream's start fade, on the first samples of a stream
-        gains = torch.ones(B, out.size(1), device=out.device, dtype=out.dtype)
+    if early and out.size(1):  # upstream's start fade, on the first samples of a stream (gains past it are 1)
+        fade = _start_fade(cfg.sample_rate, out.device, out.dtype)
+        # in place: ``out`` is this step's own audio (or a view of it); only the tail after it is read later
         for b in early:
             a0 = states[b].emitted * hop
-            gains[b] = trim_fade(a0 + out.size(1), cfg.sample_rate, out.device, out.dtype)[a0:]
-        out = out * gains
+            k = min(fade_len - a0, out.size(1))
+            out[b, :k] *= fade[a0:a0 + k]
     # carry state: one compact copy per part for the whole batch, rows keep views of it (a row never
     # keeps a whole step's tensors alive, only what it carries)
     keep_from = max(0, h + emit_frames - config.hift_context_frames)
     mel_hist = mel_in[:, :, keep_from:h + emit_frames].clone()
     mel_pending = mel_in[:, :, h + emit_frames:].clone()
     src_hist = source[:, :, keep_from * hop:(h + emit_frames) * hop].clone()
-    cycles = waves_cycles[:, :, emit_frames * hop - 1].clone() if emit_frames > 0 else None
+    cycles = cycles.clone() if emit_frames > 0 else None  # compact (eager: a view of (B, H+1, L))
     tail = None if final else audio[:, (h + emit_frames) * hop:].clone()
     for b, s in enumerate(states):
         s.mel_hist, s.mel_pending, s.src_hist = mel_hist[b], mel_pending[b], src_hist[b]

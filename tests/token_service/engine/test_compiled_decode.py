@@ -144,6 +144,7 @@ def test_service_setting_reaches_the_engine_config(monkeypatch, demo_tiny_dir):
         def __init__(self, config):
             seen.append(config)
             self.device, self.dtype, self.compile_status = "cpu", "float32", "on" if config.compile else "off"
+            self.kernels_status = config.kernels
 
         def voices(self):
             return ["default"]

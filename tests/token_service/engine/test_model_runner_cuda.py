@@ -29,12 +29,17 @@ def _run_all(eng, requests):
     return asyncio.run(run())
 
 
-def test_graph_replay_equals_eager(demo_tiny_dir):
+@pytest.mark.parametrize("kernels, n_graphs", [
+    ("torch", 4 * 3),  # batch buckets (1,2,4,8) × kv buckets (256,512,640)
+    ("triton", 2 + 2 * 3),  # buckets 1, 2: one Triton graph each (any KV length); 4, 8: per KV bucket
+])
+def test_graph_replay_equals_eager(demo_tiny_dir, kernels, n_graphs):
     requests = [([1 + i, 50 + i, 7] * (1 + i % 2), SamplingParams(seed=i, max_new_tokens=30)) for i in range(6)]
-    graphs = _engine(demo_tiny_dir, dtype="float32", cuda_graphs=True)
-    eager = _engine(demo_tiny_dir, dtype="float32", cuda_graphs=False)
+    graphs = _engine(demo_tiny_dir, dtype="float32", cuda_graphs=True, kernels=kernels)
+    eager = _engine(demo_tiny_dir, dtype="float32", cuda_graphs=False, kernels=kernels)
     try:
-        assert len(graphs.runner.graphs) == 4 * 3  # batch buckets (1,2,4,8) × kv buckets (256,512,640)
+        assert graphs.kernels_status == kernels
+        assert len(graphs.runner.graphs) == n_graphs
         assert not eager.runner.graphs
         assert _run_all(graphs, requests) == _run_all(eager, requests)
     finally:
@@ -60,8 +65,8 @@ def test_compiled_step_in_graphs_equals_eager(demo_tiny_dir):
     an fp32 engine decodes what the eager fp32 engine decodes (greedy and seeded)."""
     requests = [([1 + i, 50 + i, 7] * (1 + i % 2), SamplingParams(seed=i, max_new_tokens=30, top_k=1 if i % 2 else 1000))
                 for i in range(6)]
-    compiled = _engine(demo_tiny_dir, dtype="float32", cuda_graphs=True, compile=True)
-    eager = _engine(demo_tiny_dir, dtype="float32", cuda_graphs=False)
+    compiled = _engine(demo_tiny_dir, dtype="float32", cuda_graphs=True, compile=True, kernels="torch")
+    eager = _engine(demo_tiny_dir, dtype="float32", cuda_graphs=False, kernels="torch")
     try:
         assert compiled.compile_status == "on" and compiled.stats()["compiled"] == 1
         assert len(compiled.runner.graphs) == 4 * 3

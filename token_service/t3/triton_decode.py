@@ -1,0 +1,397 @@
+"""The decode step (T = 1) as hand-written Triton kernels, ~5 per layer (opt-in; issue 6).
+
+The eager batch-1 step is ~400 small kernels (bench/NOTES.md run 4); most of its time is launch
+gaps and cuBLAS ``M = 1`` GEMVs far from the memory bandwidth. Here each layer is five kernels
+(``B`` rows <= :data:`MAX_BATCH`, ``C`` width, ``H`` heads, ``D = C / H``, ``S`` = :data:`KV_SPLITS`):
+
+1. ``ln_1`` + ``c_attn`` (+ bias): ``x (B, C)`` fp32 -> ``qkv (B, 3C)`` weight dtype.
+2. attention of the one new token per row, fused with the K/V cache write, grid ``(B, H, S)``:
+   split ``s`` of row ``b`` attends to its share of cache positions ``< positions[b]`` with an
+   online softmax; split 0 also takes the new key/value from registers and writes them into the
+   cache at ``positions[b]``. Each split leaves a partial ``(max, sum, acc (D,))`` in fp32.
+3. ``attn.c_proj`` + bias + residual, whose prologue merges the ``S`` partials of each head into
+   ``y (B, C)`` (so the split needs no kernel of its own): ``x += y @ W + b``.
+4. ``ln_2`` + ``c_fc`` + bias + tanh-GELU -> ``h (B, 4C)`` weight dtype.
+5. ``mlp.c_proj`` + bias + residual: ``x += h @ W + b``.
+
+plus one embedding kernel before the layers (``speech_emb[token] + wpe[position]``) and one
+``ln_f`` + ``speech_head`` GEMV after them (fp32 logits ``(B, V)``): ``5·n_layer + 2`` kernels
+(122 for Turbo). The residual stream ``x`` stays fp32 throughout; activations handed to a matrix
+product are rounded to the weight dtype first (as the eager bf16 step does), every product and
+softmax accumulates in fp32. The cache loop bound comes from ``positions`` on the device, so one
+CUDA graph per batch size serves every KV length.
+
+Weights: each GEMV reads ``BLOCK_N`` whole contiguous rows of an "out-major" ``(N, K)`` matrix per
+program. GPT-2's ``Conv1D.weight`` is ``(in, out)``; :func:`relayout_conv1d` re-stores it once as
+``(out, in)`` contiguous and makes the parameter a transposed *view* of that, so the torch path
+(prefill, large batches, readers of ``state_dict``) sees the same ``(in, out)`` tensor (cuBLAS reads
+the transposed view directly) and no weight is stored twice. ``speech_head`` (``nn.Linear``) is
+already ``(V, C)``.
+
+All kernels take the weights' dtype (bf16/fp16 on GPU, fp32 on CPU under ``TRITON_INTERPRET=1``,
+which is how the tests run them).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: the engine falls back to the torch step without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+    tl = None
+
+from .model import KVCache, T3Model
+
+# Block sizes. Read at every launch, so they can be changed at run time to tune them
+# (bench/profile_decode.py --triton-set NAME=VALUE); first guesses for an H100, not yet measured.
+MAX_BATCH = 8  # largest batch bucket the fused step serves (register tiles scale with it)
+KV_SPLITS = 8  # attention programs per (row, head), a power of two: B=1 x 16 heads x 8 = 128 ~ one per SM
+BLOCK_L = 64  # cache positions per attention loop iteration, a power of two (64 x D=64 bf16 keys: 8 KB)
+MAX_BLOCK_N = 16  # most weight rows per GEMV program
+MIN_PROGRAMS = 264  # GEMV programs wanted (2 per H100 SM): BLOCK_N halves until cdiv(N, BLOCK_N) reaches it
+# the out-projection GEMV re-merges all S attention partials of its rows in every program
+# (S x C x 4 bytes = 32 KB from L2 each for Turbo): fewer, wider programs there
+MERGE_MIN_PROGRAMS = 128
+# elements of the (rows x BLOCK_N x BLOCK_K) product per GEMV loop iteration: 32 fp32 values per thread
+# at 4 warps; at batch 1 a (BLOCK_N, BLOCK_K) bf16 weight tile of 8 KB in flight per program
+TILE_ELEMS = 8192
+GEMV_WARPS = 8  # H100, batch-1 logits: 0.679 ms at 4 warps / 4096 elements, 0.631 at 8 / 8192 (tune_triton_decode.py)
+ATTN_WARPS = 4
+MAX_LN_WIDTH = 4096  # LayerNorm prologue holds B x K fp32 row values in registers (8 x 4096 / 128 threads)
+
+# the interpreter runs programs one after the other: fewer, larger programs are much faster there
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if _INTERPRET:
+    MAX_BLOCK_N, MIN_PROGRAMS, MERGE_MIN_PROGRAMS, TILE_ELEMS = 256, 1, 1, 1 << 16
+
+
+def _interpreter_numpy_fix() -> None:
+    """Triton 3.6's interpreter turns a scalar tensor into an ``int`` with ``int(ndarray)``, which
+    NumPy >= 2.4 refuses for 1-element 1-d arrays (it breaks ``range(0, K, ...)`` on a runtime
+    ``K``). Re-patch ``__index__`` to read the one element; interpreter (tests) only, no effect on CUDA."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_numpy_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._numpy_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if _INTERPRET and triton is not None:
+    _interpreter_numpy_fix()
+
+PRO_NONE, PRO_LN, PRO_MERGE = 0, 1, 2  # GEMV prologues: plain input, LayerNorm, merge attention partials
+
+GPT2_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(u):
+        # tanh without libdevice (runs under the interpreter too): 1 - 2 / (e^{2u} + 1), exact at +-inf
+        return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+    @triton.jit
+    def _embed_kernel(tok_ptr, pos_ptr, emb_ptr, wpe_ptr, x_ptr, C, BLOCK_C: tl.constexpr):
+        """x[b] = emb[tok[b]] + wpe[pos[b]] (fp32). Grid (B,)."""
+        b = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        cm = c < C
+        t = tl.load(tok_ptr + b)
+        p = tl.load(pos_ptr + b)
+        e = tl.load(emb_ptr + t * C + c, mask=cm, other=0.0).to(tl.float32)
+        w = tl.load(wpe_ptr + p * C + c, mask=cm, other=0.0).to(tl.float32)
+        tl.store(x_ptr + b * C + c, e + w, mask=cm)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, lnw_ptr, lnb_ptr, pm_ptr, pl_ptr, pacc_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+                     B, N, K, eps,
+                     BP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROLOGUE: tl.constexpr,
+                     GELU: tl.constexpr, RESIDUAL: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                     BLOCK_ROW: tl.constexpr):
+        """out[b, n] = epilogue(sum_k a[b, k] * w[n, k] + bias[n]) for rows b < B, columns of this program.
+
+        ``a`` is the prologue's input, rounded to the weight dtype: ``x (B, K)`` as is (PRO_NONE), its
+        LayerNorm with ``lnw/lnb (K,)`` (PRO_LN; each program recomputes the row statistics), or the
+        merge of the attention partials ``pm/pl (B, K/HEAD_DIM, SPLITS)``, ``pacc (B, K/HEAD_DIM, SPLITS,
+        HEAD_DIM)`` (PRO_MERGE). ``w (N, K)`` contiguous; epilogue: tanh-GELU (GELU), ``+ res[b, n]``
+        fp32 (RESIDUAL; ``res`` may be ``out``). ``BLOCK_ROW >= K`` (PRO_LN): the statistics come from
+        one load of the whole rows (one L2 round trip before the weight loop). Grid ``(cdiv(N, BLOCK_N),)``.
+        """
+        pid = tl.program_id(0)
+        rows = tl.arange(0, BP)
+        rmask = rows < B
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        wdt = w_ptr.dtype.element_ty
+        if PROLOGUE == 1:  # row statistics in fp32, two passes over the rows held in registers
+            kr = tl.arange(0, BLOCK_ROW)
+            mr = rmask[:, None] & (kr < K)[None, :]
+            xr = tl.load(x_ptr + rows[:, None] * K + kr[None, :], mask=mr, other=0.0).to(tl.float32)
+            mean = tl.sum(xr, 1) / K
+            dr = tl.where(mr, xr - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(dr * dr, 1) / K + eps)
+        acc = tl.zeros([BP, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < K
+            m2 = rmask[:, None] & kmask[None, :]
+            if PROLOGUE == 2:
+                # y[b, k] = sum_s e^{m_s - M} acc_s[d] / sum_s e^{m_s - M} l_s, head = k // D, d = k % D
+                sp = tl.arange(0, SPLITS)
+                head = kk // HEAD_DIM
+                dd = kk % HEAD_DIM
+                hs = (rows[:, None, None] * (K // HEAD_DIM) + head[None, None, :]) * SPLITS + sp[None, :, None]
+                m3 = rmask[:, None, None] & kmask[None, None, :]
+                pm = tl.load(pm_ptr + hs, mask=m3, other=0.0)
+                pl = tl.load(pl_ptr + hs, mask=m3, other=1.0)
+                pa = tl.load(pacc_ptr + hs * HEAD_DIM + dd[None, None, :], mask=m3, other=0.0)
+                mx = tl.max(pm, 1)
+                wt = tl.exp(pm - mx[:, None, :])
+                a = tl.sum(pa * wt, 1) / tl.sum(pl * wt, 1)
+            else:
+                a = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=m2, other=0.0).to(tl.float32)
+                if PROLOGUE == 1:
+                    g = tl.load(lnw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    be = tl.load(lnb_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    a = (a - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
+            a = tl.where(m2, a.to(wdt).to(tl.float32), 0.0)  # the activation in the weight dtype, as torch has it
+            w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=cmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            if BP == 1:  # batch 1 (the latency case): a plain 2-D reduction
+                acc += tl.sum(w * tl.sum(a, 0)[None, :], 1)[None, :]
+            else:
+                acc += tl.sum(a[:, None, :] * w[None, :, :], 2)
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        om = rmask[:, None] & cmask[None, :]
+        if GELU:  # GPT-2 gelu_new on the product rounded to the weight dtype (the eager step's addmm output)
+            u = acc.to(wdt).to(tl.float32)
+            acc = 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
+        if RESIDUAL:
+            acc += tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=om, other=0.0)
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
+
+    @triton.jit
+    def _attn_kernel(qkv_ptr, k_ptr, v_ptr, pos_ptr, pm_ptr, pl_ptr, pacc_ptr, C, H, stride_b, stride_h, scale,
+                     D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """Split ``s`` of (row ``b``, head ``h``): online softmax over its share of cache positions
+        ``< positions[b]``; split 0 adds the new token from registers and writes its key/value into the
+        caches ``(slots, H, L, D)`` at ``positions[b]``. Stores the partial ``m, l (B, H, S)``,
+        ``acc (B, H, S, D)`` (fp32, un-normalised). Grid ``(B, H, SPLITS)``."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        pos = tl.load(pos_ptr + b)
+        d = tl.arange(0, D)
+        base = qkv_ptr + b * 3 * C + h * D
+        q = tl.load(base + d).to(tl.float32)
+        cache = b * stride_b + h * stride_h
+        chunk = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK) * BLOCK
+        lo = s * chunk
+        hi = tl.minimum(lo + chunk, pos)
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK):
+            ll = start + tl.arange(0, BLOCK)
+            lm = ll < hi
+            kt = tl.load(k_ptr + cache + ll[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
+            vt = tl.load(v_ptr + cache + ll[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
+            sc = tl.where(lm, tl.sum(kt * q[None, :], 1) * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * vt, 0)
+            m_i = m_new
+        if s == 0:
+            kn = tl.load(base + C + d)
+            vn = tl.load(base + 2 * C + d)
+            tl.store(k_ptr + cache + pos * D + d, kn.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + cache + pos * D + d, vn.to(v_ptr.dtype.element_ty))
+            # from registers, rounded as the cache holds them
+            kf = kn.to(k_ptr.dtype.element_ty).to(tl.float32)
+            vf = vn.to(v_ptr.dtype.element_ty).to(tl.float32)
+            sn = tl.sum(q * kf, 0) * scale
+            m_new = tl.maximum(m_i, sn)
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sn - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha + p * vf
+            m_i = m_new
+        hs = (b * H + h) * SPLITS + s
+        o = tl.arange(0, 1)
+        tl.store(pm_ptr + hs + o, m_i)
+        tl.store(pl_ptr + hs + o, l_i)
+        tl.store(pacc_ptr + hs * D + d, acc)
+
+
+# ---------------------------------------------------------------------------------- launchers
+def gemv_blocks(n_rows: int, N: int, K: int, merge_splits: int = 0) -> tuple[int, int, int]:
+    """(BP, BLOCK_N, BLOCK_K) for ``n_rows`` rows and an ``(N, K)`` weight (see the module constants);
+    ``merge_splits``: the input is merged from that many attention partials (PRO_MERGE)."""
+    bp = _pow2(n_rows)
+    bn = MAX_BLOCK_N
+    min_programs = MERGE_MIN_PROGRAMS if merge_splits else MIN_PROGRAMS
+    while bn > 1 and -(-N // bn) < min_programs:
+        bn //= 2
+    bn = min(bn, _pow2(N))
+    # tiles per loop iteration: (BP, BLOCK_N, BLOCK_K) products, and (BP, S, BLOCK_K) partials when merging
+    bk = max(16, min(_pow2(K), TILE_ELEMS // (bp * max(bn, merge_splits))))
+    return bp, bn, bk
+
+
+def gemv(x: Tensor, w: Tensor, bias: Tensor, out: Tensor, *, ln: tuple[Tensor, Tensor, float] | None = None,
+         merge: tuple[Tensor, Tensor, Tensor] | None = None, gelu: bool = False, residual: bool = False) -> Tensor:
+    """``out (B, N) = epilogue(prologue(x) @ w.T + bias)`` for ``w (N, K)`` contiguous.
+
+    ``x (B, K)`` (any float dtype; ignored with ``merge``); ``ln = (weight (K,), bias (K,), eps)``
+    normalises ``x`` first; ``merge = (m, l, acc)`` builds the input from attention partials
+    (``(B, K/D, S)``, ``(B, K/D, S)``, ``(B, K/D, S, D)`` fp32). ``gelu``: tanh-GELU;
+    ``residual``: adds ``out``'s own fp32 values (``out += ...``). Returns ``out``.
+    """
+    B, (N, K) = out.shape[0], w.shape
+    assert w.is_contiguous() and out.is_contiguous() and B <= MAX_BATCH, "gemv: (N, K) contiguous weight, B <= MAX_BATCH"
+    assert not residual or out.dtype == torch.float32, "gemv: the residual stream is fp32"
+    bp, bn, bk = gemv_blocks(B, N, K, merge[2].shape[-2] if merge is not None else 0)
+    pro, head_dim, splits = PRO_NONE, 1, 1
+    lnw = lnb = pm = pl = pa = x
+    eps = 0.0
+    if ln is not None:
+        assert K <= MAX_LN_WIDTH, f"gemv: LayerNorm rows of {K} > {MAX_LN_WIDTH} do not fit in registers"
+        pro, (lnw, lnb, eps) = PRO_LN, ln
+    if merge is not None:
+        pro, (pm, pl, pa) = PRO_MERGE, merge
+        head_dim, splits = pa.shape[-1], pa.shape[-2]
+        assert splits & (splits - 1) == 0, "gemv: KV_SPLITS must be a power of two"
+    _gemv_kernel[(triton.cdiv(N, bn),)](x, lnw, lnb, pm, pl, pa, w, bias, out, out, B, N, K, eps,
+                                        BP=bp, BLOCK_N=bn, BLOCK_K=bk, PROLOGUE=pro, GELU=gelu, RESIDUAL=residual,
+                                        HEAD_DIM=head_dim, SPLITS=splits, BLOCK_ROW=_pow2(K) if ln is not None else 1,
+                                        num_warps=GEMV_WARPS)
+    return out
+
+
+def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, n_head: int,
+              partials: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Decode attention of ``qkv (B, 3C)`` against cache rows ``0..B-1`` of ``k_cache``/``v_cache``
+    ``(slots, H, L, D)`` (contiguous) up to ``positions (B,)`` int64, writing the new key/value at
+    ``positions``. Fills and returns ``partials = (m, l, acc)`` (see :func:`gemv`'s ``merge``)."""
+    B, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    m, l, acc = partials
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.is_contiguous()
+    assert BLOCK_L & (BLOCK_L - 1) == 0 and D & (D - 1) == 0, "attention: BLOCK_L and head_dim must be powers of two"
+    _attn_kernel[(B, n_head, acc.shape[2])](qkv, k_cache, v_cache, positions, m, l, acc, C, n_head,
+                                            k_cache.stride(0), k_cache.stride(1), 1.0 / D ** 0.5,
+                                            D=D, SPLITS=acc.shape[2], BLOCK=BLOCK_L, num_warps=ATTN_WARPS)
+    return partials
+
+
+def embed(tokens: Tensor, positions: Tensor, emb: Tensor, wpe: Tensor, out: Tensor) -> Tensor:
+    """``out (B, C) fp32 = emb[tokens] + wpe[positions]`` for ``tokens, positions (B,)`` int64."""
+    C = emb.shape[1]
+    _embed_kernel[(out.shape[0],)](tokens, positions, emb, wpe, out, C, BLOCK_C=_pow2(C))
+    return out
+
+
+# ---------------------------------------------------------------------------------- weights
+def relayout_conv1d(model: T3Model) -> None:
+    """Store every transformer ``Conv1D.weight`` ``(in, out)`` as ``(out, in)`` contiguous memory and
+    make the parameter its transposed view (same values and shape, strides ``(1, in)``). Idempotent;
+    no extra memory once done (the old storage is freed)."""
+    with torch.no_grad():
+        for block in model.tfmr.h:
+            for name in GPT2_LINEARS:
+                conv = block.get_submodule(name)
+                w = conv.weight
+                if not w.t().is_contiguous():
+                    conv.weight.data = w.data.t().contiguous().t()
+
+
+def out_major(conv) -> Tensor:
+    """A ``Conv1D``'s weight as ``(out, in)`` contiguous (after :func:`relayout_conv1d`: a free view)."""
+    wt = conv.weight.t()
+    if not wt.is_contiguous():
+        raise ValueError("Conv1D weight is not out-major; call relayout_conv1d(model) first")
+    return wt
+
+
+# ---------------------------------------------------------------------------------- the step
+class FusedDecode:
+    """``decode_step`` (T = 1) for ``B <= max_batch`` rows in ``5 · n_layer + 2`` Triton kernels.
+
+    Re-lays the model's ``Conv1D`` weights out in place (:func:`relayout_conv1d`; the torch path
+    keeps working on the views) and keeps references to the parameters: build it after the model
+    has its final device and dtype. On CUDA, Triton compiles each kernel variant on its first
+    call (run a step per batch size before capturing graphs); on CPU it needs ``TRITON_INTERPRET=1``
+    set before Triton is imported.
+    """
+
+    def __init__(self, model: T3Model, max_batch: int = MAX_BATCH):
+        if triton is None:
+            raise RuntimeError("Triton is not installed")
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch must be 1..{MAX_BATCH}, got {max_batch}")
+        dev = model.speech_head.weight.device
+        if dev.type != "cuda" and not _INTERPRET:
+            raise RuntimeError(f"the Triton decode step needs CUDA (or TRITON_INTERPRET=1 for tests), model is on {dev}")
+        relayout_conv1d(model)
+        self.model, self.max_batch = model, max_batch
+        cfg = model.cfg
+        self.n_head, self.eps, self.C = cfg.n_head, cfg.layer_norm_eps, cfg.n_embd
+        self.layers = []
+        for blk in model.tfmr.h:
+            a, m = blk.attn, blk.mlp
+            self.layers.append(dict(
+                ln1=(blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps), qkv=(out_major(a.c_attn), a.c_attn.bias),
+                proj=(out_major(a.c_proj), a.c_proj.bias), ln2=(blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps),
+                fc=(out_major(m.c_fc), m.c_fc.bias), mproj=(out_major(m.c_proj), m.c_proj.bias)))
+        ln_f = model.tfmr.ln_f
+        self.ln_f = (ln_f.weight, ln_f.bias, ln_f.eps)
+        self.head = (model.speech_head.weight, model.speech_head.bias)  # nn.Linear: already (V, C)
+
+    def logits(self, cache: KVCache, n_rows: int, tokens: Tensor, positions: Tensor, length: int | None = None) -> Tensor:
+        """Same contract as :func:`token_service.t3.generate.decode_step`: feed ``tokens (B,)`` at
+        ``positions (B,)`` (int64, on the device) for cache slots ``0..B-1``; returns logits ``(B, V)``
+        float32. ``length`` is ignored: each row attends to positions ``<= positions[b]``."""
+        B, C, H = n_rows, self.C, self.n_head
+        if not 1 <= B <= self.max_batch:
+            raise ValueError(f"FusedDecode serves 1..{self.max_batch} rows, got {B}")
+        m = self.model
+        dev, wdt = tokens.device, m.speech_head.weight.dtype
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        x = torch.empty(B, C, dtype=torch.float32, device=dev)  # the residual stream
+        qkv = torch.empty(B, 3 * C, dtype=wdt, device=dev)
+        hid = torch.empty(B, 4 * C, dtype=wdt, device=dev)
+        part = (torch.empty(B, H, KV_SPLITS, dtype=torch.float32, device=dev),
+                torch.empty(B, H, KV_SPLITS, dtype=torch.float32, device=dev),
+                torch.empty(B, H, KV_SPLITS, C // H, dtype=torch.float32, device=dev))
+        out = torch.empty(B, self.head[0].shape[0], dtype=torch.float32, device=dev)
+        # Triton launches on the current CUDA device: make it the model's
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            embed(tokens, positions, m.speech_emb.weight, m.tfmr.wpe.weight, x)
+            for i, L in enumerate(self.layers):
+                gemv(x, *L["qkv"], qkv, ln=L["ln1"])
+                attention(qkv, cache.k[i], cache.v[i], positions, H, part)
+                gemv(x, *L["proj"], x, merge=part, residual=True)
+                gemv(x, *L["fc"], hid, ln=L["ln2"], gelu=True)
+                gemv(hid, *L["mproj"], x, residual=True)
+            return gemv(x, *self.head, out, ln=self.ln_f)
