@@ -4,11 +4,13 @@
 
 Runs the same tree's ``push_batch`` on CPU for (a) new sessions' first chunk (7 tokens: first
 chunk 4 + look-ahead 3) and (b) one steady 25-token push, with ``model.graphs`` replaced by
-stand-ins for the graphed callables (``flow``, ``flow_padded``, ``f0``, ``decode``: what
-``accel.CudaGraphCache`` captures). Inside a stand-in nothing is counted (on the GPU it is one
-graph replay); outside, a ``TorchDispatchMode`` counts every aten op (each one an eager kernel
+stand-ins for the graphed callables of ``accel.S3GenGraphs`` (``flow``, ``flow_padded``,
+``flow_noised``, ``flow_padded_noised``, ``f0``, ``f0_source``, ``decode``, as far as the tree has
+them: what ``accel.CudaGraphCache`` captures). Inside a stand-in nothing is counted (on the GPU it is
+one graph replay); outside, a ``TorchDispatchMode`` counts every aten op (each one an eager kernel
 launch on the GPU, or host work for tensors built on the host), and patched ``Tensor.to`` /
-``torch.tensor`` / ``.item`` / ``.tolist`` / ``.cpu`` record their call sites (on the GPU: a
+``.cpu`` / ``.item`` / ``.tolist`` / ``.numpy``, ``torch.tensor`` and the factories given ``device=``,
+and ``streaming._to_device`` (the one-buffer upload) record their call sites (on the GPU: a
 host -> device copy when the source lives on the host, a host sync for device data). A stand-in
 also counts what the real cache does around a replay: one ``copy_`` per input, one ``clone``
 per output. Written to run in older trees too (missing attributes are skipped).

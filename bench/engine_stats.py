@@ -22,7 +22,8 @@ the line covering the level's last work counts). That cut is exact when the load
   the token engine's ``timings`` when present;
 * ``window`` — per histogram, the median of the lines' ``p50`` and the largest ``p99`` / ``max``
   among the lines logged during the level (each line's percentiles cover the interval before it);
-* ``peak`` — the largest value of the gauges (``active_sessions``, ``active_streams``, ``active``).
+* ``peak`` — the largest value of each gauge (``GAUGES``: ``active_sessions``, ``active_streams``,
+  ``active``, ...) among the lines logged during the level.
 """
 
 from __future__ import annotations
@@ -35,23 +36,29 @@ from typing import Any
 from tts_common.stats_log import STATS_KEY, STATS_MSG
 
 GAUGES = ("active_sessions", "active_streams", "active", "running", "waiting")
+# a load's idle pause after each level = the stats interval + this; the cut's slack_s = interval + half of it
+# (so the line covering a level's last work is inside the slack, and the next level's first line is not)
+SETTLE_MARGIN_S = 0.5
 
 
 def read_stats(log_path: Path | str) -> list[dict[str, Any]]:
-    """The ``engine_stats`` payloads of a JSON-lines log, in order ([] if the file is missing)."""
+    """The ``engine_stats`` payloads of a JSON-lines log, in order ([] if the file is missing).
+
+    Reads the log line by line (a long run's service log can be large; only the stats lines are kept)."""
     path = Path(log_path)
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if STATS_KEY not in line:
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("msg") == STATS_MSG and isinstance(rec.get(STATS_KEY), dict):
-            out.append(rec[STATS_KEY])
+    with path.open(errors="replace") as lines:
+        for line in lines:
+            if STATS_KEY not in line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("msg") == STATS_MSG and isinstance(rec.get(STATS_KEY), dict):
+                out.append(rec[STATS_KEY])
     return out
 
 
@@ -90,15 +97,15 @@ def level_stats(lines: list[dict[str, Any]], t_start: float, t_end: float, slack
     for phase in ("decode", "prefill"):
         if f"timings.{phase}_s" in last:
             out[f"{phase}_frac"] = round(delta.get(f"timings.{phase}_s", 0.0) / wall, 3)
+    flats = [_flat(x) for x in during]
     window: dict[str, dict[str, float]] = {}
     for h in hists:
-        p50 = [x for x in (_flat(line).get(f"{h}.p50") for line in during) if x is not None]
-        p99 = [x for x in (_flat(line).get(f"{h}.p99") for line in during) if x is not None]
-        mx = [x for x in (_flat(line).get(f"{h}.max") for line in during) if x is not None]
+        p50 = [fl[f"{h}.p50"] for fl in flats if f"{h}.p50" in fl]  # a line whose window was empty has none
         if p50:
-            window[h] = {"p50_median": statistics.median(p50), "p99_max": max(p99), "max": max(mx)}
+            window[h] = {"p50_median": statistics.median(p50),
+                         "p99_max": max(fl[f"{h}.p99"] for fl in flats if f"{h}.p99" in fl),
+                         "max": max(fl[f"{h}.max"] for fl in flats if f"{h}.max" in fl)}
     out["window"] = window
-    flats = [_flat(x) for x in during]
     out["peak"] = {g: max(f.get(g, 0.0) for f in flats) for g in GAUGES if any(g in f for f in flats)}
     return out
 

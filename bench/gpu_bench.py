@@ -304,6 +304,17 @@ def _tokens_per_s(runs: list[tuple[int, float, float]]) -> float:
     return statistics.median([(n - 1) / (tot - f) for n, f, tot in runs if n > 1])
 
 
+def _variant_bs1(eng, ids, n_tokens: int, r: dict, suffix: str, base: str, greedy_base: str) -> None:
+    """A decode-step variant's engine ``eng``: batch-1 tokens/s and TTFT, and greedy agreement with the
+    main engine's tokens (``r["greedy_eager"]``), as ``r[..._<suffix>]``; ``base`` names the main step."""
+    runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
+    r[f"batch1_tokens_per_s_{suffix}"] = _tokens_per_s(runs)
+    r[f"t3_ttft_ms_bs1_{suffix}"] = statistics.median([f * 1000 for _, f, _ in runs])
+    r[f"greedy_{suffix}_vs_eager"] = _agreement(_greedy(eng, ids), r["greedy_eager"])
+    print(f"  {suffix} bs1 {r[f'batch1_tokens_per_s_{suffix}']:.0f} tok/s ({base} {r.get('t3_tokens_per_s_bs1', 0):.0f}); "
+          f"greedy vs {greedy_base} {r[f'greedy_{suffix}_vs_eager']}", flush=True)
+
+
 def t3_triton(model_dir: Path, n_tokens: int, eager, r: dict) -> None:
     """The Triton decode step next to the torch one (``eager``: the main engine, idle): batch-1
     tokens/s, graph replay, kernels per step, greedy agreement with the torch bf16 engine."""
@@ -324,12 +335,7 @@ def t3_triton(model_dir: Path, n_tokens: int, eager, r: dict) -> None:
             r["decode_kernels_per_step_triton"] = {"1x512": _kernels_per_step(eng, 1, 512)}
             print(f"  triton graph replay ms/step: {r['decode_graph_ms_triton']}; kernels/step "
                   f"{r['decode_kernels_per_step']} -> {r['decode_kernels_per_step_triton']}", flush=True)
-        runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
-        r["batch1_tokens_per_s_triton"] = _tokens_per_s(runs)
-        r["t3_ttft_ms_bs1_triton"] = statistics.median([f * 1000 for _, f, _ in runs])
-        r["greedy_triton_vs_eager"] = _agreement(_greedy(eng, ids), r["greedy_eager"])
-        print(f"  triton bs1 {r['batch1_tokens_per_s_triton']:.0f} tok/s (torch {r.get('t3_tokens_per_s_bs1', 0):.0f}); "
-              f"greedy vs torch bf16 {r['greedy_triton_vs_eager']}", flush=True)
+        _variant_bs1(eng, ids, n_tokens, r, "triton", base="torch", greedy_base="torch bf16")
     finally:
         eng.close()
         del eng
@@ -359,13 +365,7 @@ def t3_compiled(model_dir: Path, n_tokens: int, eager, r: dict, mode: str) -> No
             r["decode_kernels_per_step_compiled"] = {"1x512": _kernels_per_step(eng, 1, 512)}
             print(f"  compiled graph replay ms/step: {r['decode_graph_ms_compiled']}; kernels/step "
                   f"{r['decode_kernels_per_step']} -> {r['decode_kernels_per_step_compiled']}", flush=True)
-        runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
-        r["batch1_tokens_per_s_compiled"] = _tokens_per_s(runs)
-        r["t3_ttft_ms_bs1_compiled"] = statistics.median([f * 1000 for _, f, _ in runs])
-        got = _greedy(eng, ids)
-        r["greedy_compiled_vs_eager"] = _agreement(got, r["greedy_eager"])
-        print(f"  compiled bs1 {r['batch1_tokens_per_s_compiled']:.0f} tok/s (eager {r.get('t3_tokens_per_s_bs1', 0):.0f}); "
-              f"greedy vs eager {r['greedy_compiled_vs_eager']}", flush=True)
+        _variant_bs1(eng, ids, n_tokens, r, "compiled", base="eager", greedy_base="eager")
     finally:
         eng.close()
         del eng
@@ -765,45 +765,40 @@ def report(out: Path) -> str:
         f"{ratio(t.get('t3_tokens_per_s_bs1'), u.get('t3_tokens_per_s_bs1'))} |",
         f"| T3 time to first token (ms) | – | {f(t.get('t3_ttft_ms_bs1'))} | |",
     ]
+    def mean_agree(ag) -> float | None:  # greedy agreement over texts, weighted by tokens compared
+        return sum(a["match_frac"] * a["compared"] for a in ag) / max(1, sum(a["compared"] for a in ag)) if ag else None
+
+    def step_variant_rows(suffix: str, title: str, base: str, name: str, agree_what: str,
+                          wider: tuple[str, ...] = ()) -> list[str]:
+        """T3 rows of a decode-step variant (the ``*_<suffix>`` keys) against the ``base`` step; ``wider``:
+        more graph shapes of the variant whose replay ms are listed too (e.g. "1x1024")."""
+        gm, gv = t.get("decode_graph_ms", {}), t.get(f"decode_graph_ms_{suffix}", {})
+        ag = t.get(f"greedy_{suffix}_vs_eager") or []
+        more_title = f"; {name} {', '.join(wider)}" if wider else ""
+        more_ms = "; " + ", ".join(f(gv.get(k), "{:.3f}") for k in wider) if wider else ""
+        return [
+            f"| T3 tokens/s, batch 1, {title} | | {f(t.get(f'batch1_tokens_per_s_{suffix}'))} | "
+            f"{ratio(t.get(f'batch1_tokens_per_s_{suffix}'), t.get('t3_tokens_per_s_bs1'))} of {base}-step graphs |",
+            f"| T3 decode graph replay ms/step 1x512, {base} → {name} (kernels/step){more_title} | | "
+            f"{f(gm.get('1x512'), '{:.3f}')} → {f(gv.get('1x512'), '{:.3f}')} "
+            f"({f(t.get('decode_kernels_per_step', {}).get('1x512'), '{:.0f}')} → "
+            f"{f(t.get(f'decode_kernels_per_step_{suffix}', {}).get('1x512'), '{:.0f}')}){more_ms} | |",
+            f"| T3 greedy agreement, {agree_what} (64 tokens × {len(ag)} texts) | | {f(mean_agree(ag), '{:.3f}')} | |",
+        ]
+
     if "batch1_tokens_per_s_compiled" in t or "compile_status" in t:
-        gm, gc_ = t.get("decode_graph_ms", {}), t.get("decode_graph_ms_compiled", {})
-        ag = t.get("greedy_compiled_vs_eager") or []
-        agree = sum(a["match_frac"] * a["compared"] for a in ag) / max(1, sum(a["compared"] for a in ag)) if ag else None
-        lines += [
-            f"| T3 tokens/s, batch 1, torch.compile ({t.get('compile_mode', 'default')}; {t.get('compile_status', '–')[:40]}) "
-            f"| | {f(t.get('batch1_tokens_per_s_compiled'))} | "
-            f"{ratio(t.get('batch1_tokens_per_s_compiled'), t.get('t3_tokens_per_s_bs1'))} of eager-step graphs |",
-            f"| T3 decode graph replay ms/step 1x512, eager → compiled (kernels/step) | | "
-            f"{f(gm.get('1x512'), '{:.3f}')} → {f(gc_.get('1x512'), '{:.3f}')} "
-            f"({f(t.get('decode_kernels_per_step', {}).get('1x512'), '{:.0f}')} → "
-            f"{f(t.get('decode_kernels_per_step_compiled', {}).get('1x512'), '{:.0f}')}) | |",
-            f"| T3 greedy agreement, compiled vs eager step, same dtype (64 tokens × {len(ag)} texts) | | "
-            f"{f(agree, '{:.3f}')} | |",
-        ]
+        lines += step_variant_rows(
+            "compiled", f"torch.compile ({t.get('compile_mode', 'default')}; {t.get('compile_status', '–')[:40]})",
+            "eager", "compiled", "compiled vs eager step, same dtype")
     if "batch1_tokens_per_s_triton" in t or "kernels_status" in t:
-        gm, gt = t.get("decode_graph_ms", {}), t.get("decode_graph_ms_triton", {})
-        ag = t.get("greedy_triton_vs_eager") or []
-        agree = sum(a["match_frac"] * a["compared"] for a in ag) / max(1, sum(a["compared"] for a in ag)) if ag else None
-        lines += [
-            f"| T3 tokens/s, batch 1, Triton decode step ({t.get('kernels_status', '–')[:40]}) "
-            f"| | {f(t.get('batch1_tokens_per_s_triton'))} | "
-            f"{ratio(t.get('batch1_tokens_per_s_triton'), t.get('t3_tokens_per_s_bs1'))} of torch-step graphs |",
-            f"| T3 decode graph replay ms/step 1x512, torch → Triton (kernels/step); Triton 1x1024, 8x512 | | "
-            f"{f(gm.get('1x512'), '{:.3f}')} → {f(gt.get('1x512'), '{:.3f}')} "
-            f"({f(t.get('decode_kernels_per_step', {}).get('1x512'), '{:.0f}')} → "
-            f"{f(t.get('decode_kernels_per_step_triton', {}).get('1x512'), '{:.0f}')}); "
-            f"{f(gt.get('1x1024'), '{:.3f}')}, {f(gt.get('8x512'), '{:.3f}')} | |",
-            f"| T3 greedy agreement, Triton vs torch step, bf16 (64 tokens × {len(ag)} texts) | | "
-            f"{f(agree, '{:.3f}')} | |",
-        ]
+        lines += step_variant_rows(
+            "triton", f"Triton decode step ({t.get('kernels_status', '–')[:40]})", "torch", "Triton",
+            "Triton vs torch step, bf16", wider=("1x1024", "8x512"))
     acc = RESULTS.get("accuracy", {})
     if "greedy_bfloat16_triton_vs_ours_float32" in acc:
-        def mean_agree(key):
-            ag = acc.get(key) or []
-            return sum(a["match_frac"] * a["compared"] for a in ag) / max(1, sum(a["compared"] for a in ag)) if ag else None
         lines.append(f"| T3 greedy agreement with our fp32 engine, bf16 torch step / bf16 Triton step | | "
-                     f"{f(mean_agree('greedy_bfloat16_vs_ours_float32'), '{:.3f}')} / "
-                     f"{f(mean_agree('greedy_bfloat16_triton_vs_ours_float32'), '{:.3f}')} | |")
+                     f"{f(mean_agree(acc.get('greedy_bfloat16_vs_ours_float32')), '{:.3f}')} / "
+                     f"{f(mean_agree(acc.get('greedy_bfloat16_triton_vs_ours_float32')), '{:.3f}')} | |")
     lines += [
         f"| T3 batch-1 roofline (weights {f(t.get('decode_weight_bytes', 0) / 1e9, '{:.2f}')} GB/token at the copy "
         f"bandwidth), tokens/s | | {f(t.get('roofline_tokens_per_s_bs1'), '{:.0f}')} | "

@@ -36,6 +36,11 @@ processes before and after the level.
 ``services_section(model_dir, sweep, results)`` is the GPU bench's entry (bench/gpu_bench.py): it
 starts both services as processes, measures TTFA at concurrency 1, runs the sweep, samples GPU memory
 per process (nvidia-smi) and writes ``results["services"]``. It runs on CPU as well (tiny preset).
+
+Shared with bench/vocoder_load.py (its ``Vocode`` streams): ``read_responses`` (one call's responses,
+status and end), ``run_streams`` (one level of any streaming RPC, given the per-stream coroutine),
+``sweep_levels`` (warm-up, then the levels, cut by time), ``summarize``, and the CLI's
+``load_arg_parser`` / ``print_results``.
 """
 
 from __future__ import annotations
@@ -55,12 +60,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from bench.engine_stats import SETTLE_MARGIN_S
 from tts_client.health import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,20 +209,29 @@ async def run_stream(stub, index: int, spec: StreamSpec, on_audio=None) -> Strea
             rec.sentence_ready = time.perf_counter() - t0
         yield req(end=common_pb2.EndOfInput())
 
-    call = stub.Synthesize(requests(), timeout=spec.deadline_s)
+    def on_response(resp, now: float) -> None:
+        if resp.WhichOneof("kind") == "audio":
+            n = len(resp.audio.data) // PCM16_BYTES
+            rate = resp.audio.sample_rate_hz or SAMPLE_RATE
+            if rec.first_audio is None and n:
+                rec.first_audio = now
+                if on_audio is not None:
+                    on_audio(rec)
+            rec.chunks.append((now, n / rate))
+        else:
+            rec.summary_rtf = resp.summary.real_time_factor
+
+    await read_responses(stub.Synthesize(requests(), timeout=spec.deadline_s), rec, on_response)
+    return rec
+
+
+async def read_responses(call, rec: StreamRecord, on_response: Callable[[Any, float], None]) -> None:
+    """Read a streaming ``call`` to its end: ``on_response(resp, seconds after rec.opened)`` for each
+    response, then ``rec.status`` = ``OK`` or the gRPC status code name (``rec.details``: the server's
+    message) and ``rec.ended``. Never raises for gRPC errors; a cancelled task cancels the call."""
     try:
         async for resp in call:
-            now = time.perf_counter() - t0
-            if resp.WhichOneof("kind") == "audio":
-                n = len(resp.audio.data) // PCM16_BYTES
-                rate = resp.audio.sample_rate_hz or SAMPLE_RATE
-                if rec.first_audio is None and n:
-                    rec.first_audio = now
-                    if on_audio is not None:
-                        on_audio(rec)
-                rec.chunks.append((now, n / rate))
-            else:
-                rec.summary_rtf = resp.summary.real_time_factor
+            on_response(resp, time.perf_counter() - rec.opened)
         rec.status = "OK"
     except grpc.aio.AioRpcError as err:
         rec.status, rec.details = err.code().name, err.details() or ""
@@ -225,8 +240,7 @@ async def run_stream(stub, index: int, spec: StreamSpec, on_audio=None) -> Strea
         rec.status = "CANCELLED_BY_CLIENT"
         raise
     finally:
-        rec.ended = time.perf_counter() - t0
-    return rec
+        rec.ended = time.perf_counter() - rec.opened
 
 
 # ------------------------------------------------------------------------------------ one level
@@ -245,14 +259,30 @@ def _channel_options() -> list[tuple[str, Any]]:
 
 async def run_level(target: str, concurrency: int, requests: int, spec: StreamSpec, *, level_time_s: float = 120.0,
                     ramp_s: float = 0.0, first_index: int = 0, streams_per_channel: int = 32) -> LevelResult:
-    """``requests`` streams, at most ``concurrency`` at once (each worker runs streams back to back).
-
-    Workers start spread evenly over ``ramp_s`` seconds; no stream starts after ``level_time_s``."""
+    """``requests`` Synthesize streams, at most ``concurrency`` at once (``run_streams``)."""
     from tts_api.v1 import token_service_pb2_grpc
 
+    async def stream(channel, index: int, on_audio) -> StreamRecord:
+        return await run_stream(token_service_pb2_grpc.TokenServiceStub(channel), index, spec, on_audio=on_audio)
+
+    return await run_streams(target, stream, concurrency, requests, level_time_s=level_time_s, ramp_s=ramp_s,
+                             first_index=first_index, streams_per_channel=streams_per_channel)
+
+
+# one stream: (channel, stream index, on_audio(record) at its first audio) -> its record
+StreamFn = Callable[[grpc.aio.Channel, int, Callable[[StreamRecord], None]], Awaitable[StreamRecord]]
+
+
+async def run_streams(target: str, stream: StreamFn, concurrency: int, requests: int, *, level_time_s: float = 120.0,
+                      ramp_s: float = 0.0, first_index: int = 0, streams_per_channel: int = 32) -> LevelResult:
+    """One load level of any streaming RPC: ``requests`` streams (indices ``first_index``, ...), at most
+    ``concurrency`` at once — each worker runs ``stream(channel, index, on_audio)`` back to back.
+
+    Workers start spread evenly over ``ramp_s`` seconds; no stream starts after ``level_time_s``.
+    Channels: one per ``streams_per_channel`` workers. ``held_max`` counts the streams that had
+    called ``on_audio`` and not yet ended."""
     n_channels = max(1, math.ceil(concurrency / streams_per_channel))
     channels = [grpc.aio.insecure_channel(target, options=_channel_options()) for _ in range(n_channels)]
-    stubs = [token_service_pb2_grpc.TokenServiceStub(ch) for ch in channels]
     records: list[StreamRecord] = []
     next_index = iter(range(first_index, first_index + requests))
     start = time.perf_counter()
@@ -271,7 +301,7 @@ async def run_level(target: str, concurrency: int, requests: int, spec: StreamSp
         for index in next_index:
             if time.perf_counter() - start > level_time_s:
                 return
-            rec = await run_stream(stubs[w % len(stubs)], index, spec, on_audio=audio_started)
+            rec = await stream(channels[w % len(channels)], index, audio_started)
             if rec.first_audio is not None:
                 held -= 1
             records.append(rec)
@@ -489,30 +519,61 @@ def run_sweep(target: str, levels: Sequence[int], requests: int | None, spec: St
     pids = pids or {}
     out: dict[str, Any] = {"target": target, "spec": dataclasses.asdict(spec), "levels": {}}
     out["rss_mb_start"] = {k: rss_mb(p) for k, p in pids.items()}
-    if warmup:
-        asyncio.run(run_level(target, min(warmup, max(levels)), warmup, spec, level_time_s=level_time_s,
-                              first_index=10**6))
-        time.sleep(settle_s)
-    index = 0
-    for n in levels:
-        before = {k: rss_mb(p) for k, p in pids.items()}
+    before: dict[str, float] = {}
+
+    def level_starts(n: int) -> None:
+        before.clear()
+        before.update({k: rss_mb(p) for k, p in pids.items()})
         if gpu is not None:
             gpu.mark()
-        count = requests if requests else rounds * n
-        t_start = time.time()
-        level = asyncio.run(run_level(target, n, count, spec, level_time_s=level_time_s, ramp_s=ramp_s, first_index=index))
-        index += count
-        fig = summarize(level, tolerance)
-        fig.update(t_start=round(t_start, 3), t_end=round(time.time(), 3))
-        fig["rss_mb_before"] = before
+
+    def level_ended(n: int, fig: dict[str, Any]) -> None:
+        fig["rss_mb_before"] = dict(before)
         fig["rss_mb_after"] = {k: rss_mb(p) for k, p in pids.items()}
         if gpu is not None:
             fig["gpu_mem_MB_peak_by_pid"] = gpu.mark()
-        key = n if n not in out["levels"] else f"{n}#{sum(1 for k in out['levels'] if str(k).split('#')[0] == str(n))}"
-        out["levels"][key] = fig  # a level given twice (e.g. 4,4,4 to watch memory) gets "4#1", "4#2"
         log(f"  concurrency {n}: {fig['ok']}/{fig['requests']} ok, TTFA p50 {fig['ttfa_p50_ms']:.0f} ms "
             f"p99 {fig['ttfa_p99_ms']:.0f} ms, underruns {fig['underruns']}, {fig['audio_s_per_s']:.2f} audio s/s, "
             f"errors {fig['errors_by_code']}")
+
+    out["levels"] = sweep_levels(lambda n, count, **kw: run_level(target, n, count, spec, level_time_s=level_time_s, **kw),
+                                 levels, requests=requests, rounds=rounds, warmup=warmup, ramp_s=ramp_s,
+                                 settle_s=settle_s, figures=lambda level: summarize(level, tolerance),
+                                 level_starts=level_starts, level_ended=level_ended)
+    return out
+
+
+def sweep_levels(run_at: Callable[..., Awaitable[LevelResult]], levels: Sequence[int], *, requests: int | None = None,
+                 rounds: int = 1, warmup: int = 0, ramp_s: float = 0.0, first_index: int = 0, settle_s: float = 0.0,
+                 figures: Callable[[LevelResult], dict[str, Any]] = summarize,
+                 level_starts: Callable[[int], None] | None = None,
+                 level_ended: Callable[[int, dict[str, Any]], None] | None = None) -> dict[Any, dict[str, Any]]:
+    """The loop of a sweep, for any stream kind: ``run_at(concurrency, count, first_index=, ramp_s=)``
+    runs one level (e.g. ``run_level`` with its target and spec bound).
+
+    First ``warmup`` streams (not counted; stream indices from ``10**6 + first_index``), then each
+    level ``n``: ``requests`` streams (or ``rounds`` × n; indices continue from ``first_index``),
+    summarized by ``figures`` plus ``t_start`` / ``t_end`` (unix seconds). ``settle_s``: an idle pause
+    after the warm-up and after each level. ``level_starts(n)`` / ``level_ended(n, figures)`` run
+    around each level. Returns ``{level: figures}``; a level given twice (e.g. 4,4,4 to watch memory)
+    gets keys ``4``, ``"4#1"``, ``"4#2"``."""
+    if warmup:
+        asyncio.run(run_at(min(warmup, max(levels)), warmup, first_index=10**6 + first_index, ramp_s=0.0))
+        time.sleep(settle_s)
+    out: dict[Any, dict[str, Any]] = {}
+    index = first_index
+    for n in levels:
+        if level_starts is not None:
+            level_starts(n)
+        count = requests if requests else rounds * n
+        t_start = time.time()
+        fig = figures(asyncio.run(run_at(n, count, first_index=index, ramp_s=ramp_s)))
+        fig.update(t_start=round(t_start, 3), t_end=round(time.time(), 3))
+        index += count
+        key = n if n not in out else f"{n}#{sum(1 for k in out if str(k).split('#')[0] == str(n))}"
+        out[key] = fig
+        if level_ended is not None:
+            level_ended(n, fig)
         time.sleep(settle_s)
     return out
 
@@ -543,30 +604,47 @@ def _check_loopback(target: str) -> None:
     raise SystemExit(f"--target {target} is not a loopback address; pass --allow-remote to load a remote server")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.service_load", description=__doc__.split("\n\n")[0])
+def load_arg_parser(prog: str, description: str, *, target: str, spawn: str, deadline_s: float) -> argparse.ArgumentParser:
+    """The options every load generator here shares (where to send load, the levels, pacing of the
+    sweep, output); ``target`` / ``spawn`` name what ``--target`` / ``--spawn`` reach."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="host:port of a running token service")
-    where.add_argument("--spawn", metavar="MODEL_DIR", help="start both services on loopback from this model folder")
-    ap.add_argument("--server-pids", default="", help="with --target: comma-separated pids whose RSS to report")
+    where.add_argument("--target", help=f"host:port of a running {target}")
+    where.add_argument("--spawn", metavar="MODEL_DIR", help=f"start {spawn} on loopback from this model folder")
     ap.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --target")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     ap.add_argument("--requests", type=int, default=0, help="streams per level (0: --rounds x the level)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2, help="streams before the first level (not counted)")
     ap.add_argument("--sentences", type=int, default=0, help="sentences per stream (0: alternate 1 and 2)")
-    ap.add_argument("--words-per-piece", type=int, default=3)
-    ap.add_argument("--piece-gap-ms", type=float, default=30.0)
-    ap.add_argument("--max-new-tokens", type=int, default=0, help="cap on speech tokens per sentence (0: server's)")
-    ap.add_argument("--deadline", type=float, default=60.0, help="gRPC deadline of each stream, seconds")
+    ap.add_argument("--deadline", type=float, default=deadline_s, help="gRPC deadline of each stream, seconds")
     ap.add_argument("--level-time", type=float, default=300.0, help="no stream starts after this many seconds of a level")
     ap.add_argument("--ramp", type=float, default=0.0, help="spread the workers' first starts over this many seconds")
     ap.add_argument("--tolerance-ms", type=float, default=0.0, help="lateness not counted as an underrun")
-    ap.add_argument("--device", default="cpu", help="with --spawn: the services' --device")
+    ap.add_argument("--device", default="cpu", help="with --spawn: the --device of what it starts")
+    ap.add_argument("--log-dir", default="", help="with --spawn: write the service logs here")
+    ap.add_argument("--json-out", default="", help="also write the JSON here")
+    return ap
+
+
+def print_results(table_md: str, results: Any, json_out: str = "") -> None:
+    """A CLI's end: the markdown table, then the results as one JSON object (also to ``json_out``)."""
+    print(table_md)
+    text = json.dumps(results, indent=1, default=str)
+    print(text)
+    if json_out:
+        Path(json_out).write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = load_arg_parser("python -m bench.service_load", __doc__.split("\n\n")[0], target="token service",
+                         spawn="both services", deadline_s=60.0)
+    ap.add_argument("--server-pids", default="", help="with --target: comma-separated pids whose RSS to report")
+    ap.add_argument("--words-per-piece", type=int, default=3)
+    ap.add_argument("--piece-gap-ms", type=float, default=30.0)
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="cap on speech tokens per sentence (0: server's)")
     ap.add_argument("--max-streams", type=int, default=0, help="with --spawn: --max-streams (0: the largest level)")
     ap.add_argument("--token-flags", default="", help="with --spawn: extra token service flags (space-separated)")
-    ap.add_argument("--log-dir", default="", help="with --spawn: write the services' logs here")
-    ap.add_argument("--json-out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",") if x]
@@ -593,11 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if procs is not None:
             run_codes = procs.stop()
             print(f"services stopped: exit codes {run_codes}")
-    print(table(run))
-    text = json.dumps(run, indent=1, default=str)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
+    print_results(table(run), run, args.json_out)
     return 0
 
 
@@ -659,7 +733,7 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
         tmp_logs = tempfile.TemporaryDirectory(prefix="services-logs-")
         log_dir = Path(tmp_logs.name)
     out["config"]["stats_log_s"] = stats_log_s
-    settle_s = stats_log_s + 0.5 if stats_log_s > 0 else 0.0
+    settle_s = stats_log_s + SETTLE_MARGIN_S if stats_log_s > 0 else 0.0
     procs = ServiceProcesses(Path(model_dir), device=device, max_streams=top, token_flags=token_flags,
                              vocoder_flags=list(vocoder_flags or []), log_dir=log_dir, ready_timeout_s=ready_timeout_s,
                              env={"TTS_STATS_LOG_S": str(stats_log_s)} if stats_log_s > 0 else {})
@@ -707,7 +781,7 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
         from bench.engine_stats import attach
 
         logs = {"token_service": log_dir / "token-service.log", "vocoder_service": log_dir / "vocoder-service.log"}
-        attach({"c1": out["c1"], **out["sweep"]}, logs, slack_s=stats_log_s + 0.25)
+        attach({"c1": out["c1"], **out["sweep"]}, logs, slack_s=stats_log_s + SETTLE_MARGIN_S / 2)
         if tmp_logs is not None:
             tmp_logs.cleanup()
 

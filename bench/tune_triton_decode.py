@@ -7,6 +7,9 @@ Loads the demo Turbo checkpoint once (bf16, CUDA), then for each variant (a set 
 CUDA graph and times 200 replays; the torch step (``decode_step``, cuBLAS/cuDNN) is timed at the
 same batch sizes for comparison. Logits only: the engine's step adds the sampler (~0.2 ms at batch 1).
 Each variant recompiles the kernels (~10 s). Prints one JSON line per measurement.
+``--engine-step`` also times the engine's whole captured decode step (``ModelRunner`` graph: Triton
+logits + top-k sampler + state updates, rows at position ``kv - 1``) with the one-kernel Triton draw
+(``t3.triton_sampling``) and with the torch draw, at the batch sizes the Triton step serves.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--work", default="/tmp/bench-work")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--engine-step", action="store_true", help="also time ModelRunner's captured step")
+    ap.add_argument("--defaults-only", action="store_true", help="time only the current constants (no variants)")
     args = ap.parse_args()
     from export.demo_checkpoint import write_demo_checkpoint
     from token_service.t3 import triton_decode as td
@@ -91,7 +96,7 @@ def main() -> None:
         for b in batches:
             emit({"path": "torch", "batch": b, "kv": args.kv,
                   "ms": round(replay_ms(lambda: decode_step(model, cache, b, tokens[:b], positions[:b], args.kv)), 4)})
-        for variant in VARIANTS:
+        for variant in [{}] if args.defaults_only else VARIANTS:
             for k, v in defaults.items():
                 setattr(td, k, v)
             for k, v in variant.items():
@@ -102,8 +107,43 @@ def main() -> None:
                     emit({"path": "triton", "variant": variant, "batch": b, "kv": args.kv, "ms": round(ms, 4)})
                 except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result too
                     emit({"path": "triton", "variant": variant, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
+        for k, v in defaults.items():
+            setattr(td, k, v)
+    if args.engine_step:
+        for rec in engine_step_ms(model, dev, args.kv, [b for b in batches if b <= 2]):
+            emit(rec)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def engine_step_ms(model, dev: torch.device, kv: int, batches: list[int]) -> list[dict]:
+    """Replay time of ``ModelRunner``'s decode graph per batch bucket, Triton draw on, then off."""
+    from token_service.engine.model_runner import ModelRunner, RunnerShape
+
+    r = ModelRunner(model, RunnerShape(max(batches), 1024, tuple(batches), 256, cuda_graphs=True,
+                                       staged_prefill=False, kernels="triton"), dev, torch.bfloat16)
+    if r.fused is None:
+        return [{"path": "engine-step", "error": r.kernels_status}]
+    g, out = r.groups[0], []
+    for draw in ("triton", "torch"):
+        if draw == "torch":
+            r.fused_draw = None
+            g.graphs.clear()
+            r.capture_graphs(g)
+        for b in batches:
+            r.positions[:b] = kv - 1  # active stays 0: positions do not move between replays
+            graph = g.graphs[(b, r.shape.max_seq_len)]
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                graph.replay()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / 200 * 1e3
+            out.append({"path": "engine-step", "draw": "triton" if r.fused_draw is not None else "torch",
+                        "kernels": r.kernels_status, "batch": b, "kv": kv, "ms": round(ms, 4)})
+    return out
 
 
 if __name__ == "__main__":

@@ -43,11 +43,8 @@ vocoder service (``TTS_STATS_LOG_S`` set), runs each mode's sweep and writes
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
-import json
-import math
 import signal
 import sys
 import time
@@ -55,19 +52,17 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
-from bench.engine_stats import attach, read_stats
-from bench.service_load import (CPU_MAX_LEVEL, LevelResult, ServiceProcesses, StreamRecord, _channel_options,
-                                _check_loopback, count_underruns, pct, summarize)
+from bench.engine_stats import SETTLE_MARGIN_S, attach, read_stats
+from bench.service_load import (CPU_MAX_LEVEL, SAMPLE_RATE, LevelResult, ServiceProcesses, StreamRecord,
+                                _check_loopback, count_underruns, load_arg_parser, pct, print_results, read_responses,
+                                run_streams, summarize, sweep_levels)
 from tts_client.health import wait_healthy
 
-SAMPLE_RATE = 24_000
 SILENCE = [4299, 4299, 4299]  # upstream's S3GEN_SIL, three after each utterance
 SPEECH_VOCAB = 6561
 MODES = {"realtime": 25.0, "burst": 100.0, "fast": 0.0}
-SETTLE_MARGIN_S = 0.5  # idle pause between levels = stats interval + this (stats lines cut per level exactly)
 
 
 @dataclasses.dataclass
@@ -173,77 +168,43 @@ async def run_vocode_stream(stub, index: int, spec: VocodeSpec, on_audio=None) -
         rec.end_sent = time.perf_counter() - t0
         yield voc.VocodeRequest(end=common_pb2.EndOfInput())
 
-    call = stub.Vocode(requests(), timeout=spec.deadline_s)
-    try:
-        async for resp in call:
-            now = time.perf_counter() - t0
-            n = len(resp.pcm_f32) // 4
-            dur = n / (resp.sample_rate_hz or SAMPLE_RATE)
-            if n and rec.first_audio is None:
-                rec.first_audio = now
-                if on_audio is not None:
-                    on_audio(rec)
-            if n:
-                rec.chunks.append((now, dur))
-            rec.messages.append((now, dur, resp.tokens_received, resp.final))
-        rec.status = "OK"
-    except grpc.aio.AioRpcError as err:
-        rec.status, rec.details = err.code().name, err.details() or ""
-    except asyncio.CancelledError:
-        call.cancel()
-        rec.status = "CANCELLED_BY_CLIENT"
-        raise
-    finally:
-        rec.ended = time.perf_counter() - t0
+    def on_response(resp, now: float) -> None:
+        n = len(resp.pcm_f32) // 4
+        dur = n / (resp.sample_rate_hz or SAMPLE_RATE)
+        if n and rec.first_audio is None:
+            rec.first_audio = now
+            if on_audio is not None:
+                on_audio(rec)
+        if n:
+            rec.chunks.append((now, dur))
+        rec.messages.append((now, dur, resp.tokens_received, resp.final))
+
+    await read_responses(stub.Vocode(requests(), timeout=spec.deadline_s), rec, on_response)
     return rec
 
 
 async def run_vocode_level(target: str, concurrency: int, requests: int, spec: VocodeSpec, *,
                            level_time_s: float = 120.0, ramp_s: float = 0.0, first_index: int = 0,
                            streams_per_channel: int = 32) -> LevelResult:
-    """``requests`` streams, at most ``concurrency`` at once (workers run streams back to back, start
-    spread over ``ramp_s``); no stream starts after ``level_time_s``."""
+    """``requests`` Vocode streams, at most ``concurrency`` at once (``service_load.run_streams``: workers
+    run streams back to back, start spread over ``ramp_s``; no stream starts after ``level_time_s``)."""
     from tts_api.v1 import vocoder_service_pb2_grpc
 
-    n_channels = max(1, math.ceil(concurrency / streams_per_channel))
-    channels = [grpc.aio.insecure_channel(target, options=_channel_options()) for _ in range(n_channels)]
-    stubs = [vocoder_service_pb2_grpc.VocoderServiceStub(ch) for ch in channels]
-    records: list[VocodeRecord] = []
-    next_index = iter(range(first_index, first_index + requests))
-    start = time.perf_counter()
-    held = held_max = 0
+    async def stream(channel, index: int, on_audio) -> VocodeRecord:
+        return await run_vocode_stream(vocoder_service_pb2_grpc.VocoderServiceStub(channel), index, spec,
+                                       on_audio=on_audio)
 
-    def audio_started(_rec):
-        nonlocal held, held_max
-        held += 1
-        held_max = max(held_max, held)
-
-    async def worker(w: int) -> None:
-        nonlocal held
-        if ramp_s and concurrency > 1:
-            await asyncio.sleep(ramp_s * w / concurrency)
-        for index in next_index:
-            if time.perf_counter() - start > level_time_s:
-                return
-            rec = await run_vocode_stream(stubs[w % len(stubs)], index, spec, on_audio=audio_started)
-            if rec.first_audio is not None:
-                held -= 1
-            records.append(rec)
-
-    try:
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    finally:
-        for ch in channels:
-            await ch.close()
-    return LevelResult(concurrency, sorted(records, key=lambda r: r.index), time.perf_counter() - start, held_max)
+    return await run_streams(target, stream, concurrency, requests, level_time_s=level_time_s, ramp_s=ramp_s,
+                             first_index=first_index, streams_per_channel=streams_per_channel)
 
 
 def summarize_vocode(level: LevelResult, tolerance: float = 0.0) -> dict[str, Any]:
     """``service_load.summarize`` plus the vocoder-side figures (module docstring)."""
     fig = summarize(level, tolerance)
     ok = [r for r in level.records if r.status == "OK"]
-    lat = [x * 1000 for r in level.records for x in r.chunk_latencies()]
-    first = [r.chunk_latencies()[0] * 1000 for r in level.records if r.chunk_latencies()]
+    per_stream = [[x * 1000 for x in r.chunk_latencies()] for r in level.records]
+    lat = [x for ms in per_stream for x in ms]
+    first = [ms[0] for ms in per_stream if ms]
     ideal = sum(r.ideal_underruns(tolerance) for r in ok)
     sent = sum(len(r.sent) for r in level.records)
     fig.update(chunk_latency_p50_ms=pct(lat, 50), chunk_latency_p99_ms=pct(lat, 99),
@@ -266,26 +227,17 @@ def vocoder_sweep(target: str, levels: Sequence[int], spec: VocodeSpec, *, reque
     every ``s < settle_s`` seconds has logged a level's last work before the next level starts (the
     stats of each level are then cut exactly; bench/engine_stats.py)."""
     out: dict[str, Any] = {"target": target, "spec": dataclasses.asdict(spec), "levels": {}}
-    if warmup:
-        asyncio.run(run_vocode_level(target, min(warmup, max(levels)), warmup, spec, level_time_s=level_time_s,
-                                     first_index=10**6 + first_index))
-    time.sleep(settle_s)
-    index = first_index
-    for n in levels:
-        count = requests if requests else rounds * n
-        t_start = time.time()
-        level = asyncio.run(run_vocode_level(target, n, count, spec, level_time_s=level_time_s, ramp_s=ramp_s,
-                                             first_index=index))
-        fig = summarize_vocode(level, tolerance)
-        fig.update(t_start=round(t_start, 3), t_end=round(time.time(), 3))
-        time.sleep(settle_s)
-        index += count
-        key = n if n not in out["levels"] else f"{n}#{sum(1 for k in out['levels'] if str(k).split('#')[0] == str(n))}"
-        out["levels"][key] = fig
+
+    def level_ended(n: int, fig: dict[str, Any]) -> None:
         log(f"  vocoder-only {spec.rate_tps:g} tok/s, {n} streams: {fig['ok']}/{fig['requests']} ok, TTFA p50 "
             f"{fig['ttfa_p50_ms']:.0f} ms p99 {fig['ttfa_p99_ms']:.0f} ms, chunk latency p50 "
             f"{fig['chunk_latency_p50_ms']:.0f} p99 {fig['chunk_latency_p99_ms']:.0f} ms, underruns {fig['underruns']} "
             f"(ideal {fig['ideal_underruns']}), {fig['audio_s_per_s']:.2f} audio s/s, errors {fig['errors_by_code']}")
+
+    out["levels"] = sweep_levels(
+        lambda n, count, **kw: run_vocode_level(target, n, count, spec, level_time_s=level_time_s, **kw), levels,
+        requests=requests, rounds=rounds, warmup=warmup, ramp_s=ramp_s, first_index=first_index, settle_s=settle_s,
+        figures=lambda level: summarize_vocode(level, tolerance), level_ended=level_ended)
     return out
 
 
@@ -376,29 +328,14 @@ def vocoder_only_section(model_dir: Path, levels: list[int], results: dict, *, d
 
 # ----------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.vocoder_load", description=__doc__.split("\n\n")[0])
-    where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="host:port of a running vocoder service")
-    where.add_argument("--spawn", metavar="MODEL_DIR", help="start the vocoder service on loopback from this model folder")
-    ap.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --target")
-    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    ap = load_arg_parser("python -m bench.vocoder_load", __doc__.split("\n\n")[0], target="vocoder service",
+                         spawn="the vocoder service", deadline_s=120.0)
     ap.add_argument("--modes", default="burst,realtime",
                     help="comma-separated: realtime (25 tok/s), burst (100 tok/s), fast (unpaced) or a rate in tok/s")
-    ap.add_argument("--requests", type=int, default=0, help="streams per level (0: --rounds x the level)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2, help="streams before the first level (not counted)")
-    ap.add_argument("--sentences", type=int, default=0, help="sentences per stream (0: alternate 1 and 2)")
     ap.add_argument("--sentence-tokens", type=int, default=72, help="speech tokens per sentence (+3 silence)")
     ap.add_argument("--tokens-per-message", type=int, default=1)
-    ap.add_argument("--deadline", type=float, default=120.0, help="gRPC deadline of each stream, seconds")
-    ap.add_argument("--level-time", type=float, default=300.0, help="no stream starts after this many seconds of a level")
-    ap.add_argument("--ramp", type=float, default=0.0, help="spread the workers' first starts over this many seconds")
-    ap.add_argument("--tolerance-ms", type=float, default=0.0, help="lateness not counted as an underrun")
-    ap.add_argument("--device", default="cpu", help="with --spawn: the service's --device")
     ap.add_argument("--vocoder-flags", default="", help="with --spawn: extra vocoder service flags (space-separated)")
     ap.add_argument("--stats-log-s", type=float, default=1.0, help="with --spawn: TTS_STATS_LOG_S (0: no engine stats)")
-    ap.add_argument("--log-dir", default="", help="with --spawn: write the service's log here")
-    ap.add_argument("--json-out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",") if x]
@@ -449,11 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"service stopped: exit code {procs.stop().get('vocoder_service')}")
             for run in runs.values():
                 attach(run["levels"], {"vocoder_service": log_path}, slack_s=args.stats_log_s + SETTLE_MARGIN_S / 2)
-    print(table(runs))
-    text = json.dumps(runs, indent=1, default=str)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
+    print_results(table(runs), runs, args.json_out)
     return 0
 
 

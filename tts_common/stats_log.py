@@ -8,7 +8,9 @@ Every ``interval_s`` seconds, while the service is busy (some value of ``stats()
 changed since the last line, or ``is_busy(stats)`` says so), one INFO record ``"engine stats"``
 with the whole dict under the ``engine_stats`` key (with ``TTS_LOG_FORMAT=json``: one JSON line,
 ``{"msg": "engine stats", "engine_stats": {...}, ...}``); ``stop()`` logs one more line
-(``"final": true``) whatever the state. An idle service logs nothing.
+(``"final": true``) whatever the state. The first tick always logs (the state the counters start
+from); after that an idle service logs nothing. A failing ``stats()`` is logged as a warning, never
+raised (statistics must not take the service down, nor break its shutdown).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ class StatsLogger:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self.emit(final=True)
+        try:
+            self.emit(final=True)
+        except Exception:  # noqa: BLE001 - runs among the server's shutdown callbacks
+            self._log.warning("engine stats failed", exc_info=True)
 
     def tick(self) -> bool:
         """Log a line if busy since the last one; returns whether it did (the task calls this)."""

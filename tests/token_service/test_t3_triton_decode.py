@@ -11,17 +11,13 @@ relative, and 1e-5 on single kernels.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.token_service.interpreter import child_results, run_checks
+
 LOGITS_TOL = dict(atol=1e-4, rtol=1e-5)
 KERNEL_TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -239,30 +235,11 @@ def check_runner_greedy():
 CHECKS = {f.__name__: f for f in (check_gemv, check_embed, check_attention, check_fused_step, check_runner_greedy)}
 
 
-def _run_checks() -> None:
-    """Child process: run every check, print one JSON line of {name: null | traceback}."""
-    from token_service.t3 import triton_decode as td
-
-    assert td._INTERPRET, "TRITON_INTERPRET=1 must be set before Triton is imported"
-    results = {}
-    for name, fn in CHECKS.items():
-        try:
-            fn()
-            results[name] = None
-        except Exception:  # noqa: BLE001 - reported to the parent
-            results[name] = traceback.format_exc()
-    print("RESULTS " + json.dumps(results))
-
-
 # ---------------------------------------------------------------------------------- tests (parent process)
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return child_results(__file__, timeout_s=600)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
@@ -461,25 +438,11 @@ def test_cuda_turbo_bf16_logits_and_greedy_tokens(demo_turbo_dir):
 def test_cuda_engine_graphs_replay_the_triton_step(demo_tiny_dir):
     """fp32 engine with kernels="triton" and CUDA graphs: one graph per Triton batch bucket (1, 2; not
     per KV bucket), per KV bucket above; the same tokens as the eager torch engine (greedy and seeded)."""
-    import asyncio
-
-    from token_service.engine import EngineConfig, LLMEngine, SamplingParams
+    from tests.token_service.helpers import cuda_engine, run_all
+    from token_service.engine import SamplingParams
 
     def engine(**kw):
-        return LLMEngine(EngineConfig(model_dir=demo_tiny_dir, device="cuda", dtype="float32", max_slots=8,
-                                      max_seq_len=640, default_max_new_tokens=200, graph_batch_sizes=(1, 2, 4, 8), **kw))
-
-    def run_all(eng, requests):
-        async def collect(ids, p):
-            out = []
-            async for chunk in eng.generate("default", ids, p):
-                out.extend(chunk)
-            return out
-
-        async def run():
-            return await asyncio.gather(*(collect(ids, p) for ids, p in requests))
-
-        return asyncio.run(run())
+        return cuda_engine(demo_tiny_dir, dtype="float32", **kw)
 
     requests = [([1 + i, 50 + i, 7] * (1 + i % 2), SamplingParams(seed=i, max_new_tokens=30, top_k=1 if i % 2 else 1000))
                 for i in range(6)]
@@ -496,4 +459,4 @@ def test_cuda_engine_graphs_replay_the_triton_step(demo_tiny_dir):
 
 
 if __name__ == "__main__":
-    _run_checks()
+    run_checks(CHECKS)

@@ -68,6 +68,24 @@ def test_task_logs_while_busy_and_once_at_stop(caplog):
     assert out["msg"] == STATS_MSG and out[STATS_KEY]["steps"] >= 1
 
 
+def test_failing_stats_never_raise(caplog):
+    """A ``stats()`` that raises is a warning, in the periodic task and in ``stop()`` (a shutdown callback)."""
+    caplog.set_level(logging.INFO)
+
+    def broken():
+        raise RuntimeError("no stats")
+
+    async def main():
+        sl = StatsLogger(broken, 0.01, logging.getLogger("test.broken"))
+        sl.start()
+        await asyncio.sleep(0.05)
+        await sl.stop()
+
+    asyncio.run(main())
+    warnings = [r for r in caplog.records if r.name == "test.broken" and r.levelno == logging.WARNING]
+    assert len(warnings) >= 2 and all(r.exc_info and "no stats" in str(r.exc_info[1]) for r in warnings)
+    assert not _lines(caplog, "test.broken")
+
 @pytest.mark.integration
 def test_vocoder_server_logs_engine_stats(caplog):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))

@@ -41,7 +41,10 @@ with the eager step; it never fails the engine for it.
 larger buckets keep the path above. Those kernels read each row's attended length from
 ``positions`` on the device, so such a bucket has ONE graph (key ``(n, max_seq_len)``) instead of
 one per KV bucket. Without Triton, or when a kernel fails to compile or run at start-up, the runner
-logs a warning, records it in ``kernels_status`` and uses the torch step.
+logs a warning, records it in ``kernels_status`` and uses the torch step. Those buckets (top-k fast
+path, no torch.compile) also draw the sampled id with ``t3.triton_sampling.sample_race`` (one kernel
+instead of ~40 for ``sample``'s hash, log, division and argmax); a start-up check that fails turns
+only that draw off (``fused_draw``, a warning).
 """
 from __future__ import annotations
 
@@ -145,6 +148,7 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
                 self._compile_failed(e, "setting up torch.compile")
         self.fused = None  # t3.triton_decode.FusedDecode when kernels == "triton" and it works
+        self.fused_draw = None  # t3.triton_sampling.sample_race when the Triton step is on and it works
         self.kernels_status = "torch"  # torch | triton | fallback: <why> (torch step after a failure)
         if shape.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {shape.kernels!r}")
@@ -156,6 +160,13 @@ class ModelRunner:
                 self.kernels_status = "triton"
             except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
                 self._fused_failed(e, "setting up the Triton decode kernels")
+        if self.fused is not None:
+            try:
+                from ..t3.triton_sampling import sample_race
+
+                self.fused_draw = sample_race  # the sampler's draw in one kernel (Triton buckets only)
+            except Exception as e:  # noqa: BLE001
+                self._fused_draw_failed(e)
         self._pool = None  # one CUDA-graph memory pool for every group
         sizes = slot_groups(n, shape.first_group or n)
         self.groups: list[SlotGroup] = []
@@ -392,11 +403,12 @@ class ModelRunner:
             self.prefill_graphs[(nb, b)] = cg
         torch.cuda.synchronize(self.device)
 
-    def _sample(self, logits: Tensor, rows: slice, fast: bool) -> Tensor:
+    def _sample(self, logits: Tensor, rows: slice, fast: bool, triton_draw: bool = False) -> Tensor:
         args = (logits, self.seen[rows], self.temperature[rows], self.top_k[rows], self.top_p_threshold[rows],
                 self.top_p_on[rows], self.penalty[rows])
         scores = process_logits_topk(*args, width=self.shape.topk_width) if fast else process_logits(*args)
-        return sample(scores.softmax(dim=-1), self.seed[rows], self.step[rows], self.vhash)
+        draw = self.fused_draw if triton_draw and self.fused_draw is not None else sample
+        return draw(scores.softmax(dim=-1), self.seed[rows], self.step[rows], self.vhash)
 
     def _decode_body(self, g: SlotGroup, n: int, kv_len: int, fast: bool = True) -> None:
         """One decode step over rows ``0..n-1`` of group ``g``, entirely on the device (the captured region)."""
@@ -409,7 +421,7 @@ class ModelRunner:
         else:
             logits = cd.logits(g.cache, n, self.tokens[a:b], self.positions[a:b], kv_len)
         if cd is None:
-            tok = self._sample(logits, slice(a, b), fast)
+            tok = self._sample(logits, slice(a, b), fast, triton_draw=fast and self.fused_serves(n))
         else:
             if fast:
                 tok = cd.sample(logits, self.seen[a:b], self.temperature[a:b], self.top_k[a:b],
@@ -509,6 +521,31 @@ class ModelRunner:
             self._fused_failed(e, f"running the Triton decode step for slots {g.start}..{g.start + g.size - 1}")
         finally:
             self._reset_rows(g)
+        if self.fused is not None and self.fused_draw is not None:
+            self._check_fused_draw(g)
+
+    def _fused_draw_failed(self, err: BaseException) -> None:
+        self.fused_draw = None
+        log.warning("T3 Triton sampling draw disabled, using the torch draw (%s: %s)", type(err).__name__,
+                    str(err)[:300], exc_info=err)
+
+    @torch.inference_mode()
+    def _check_fused_draw(self, g: SlotGroup) -> None:
+        """Compile the Triton draw for every batch bucket of ``g`` it serves and check it against
+        ``sample`` on flat rows (equal probabilities: the draw is then the id of the largest uniform,
+        which does not depend on the log's last bit, so the ids must be equal, hash bits included)."""
+        V = self.model.cfg.speech_vocab_size
+        try:
+            for n in g.batch_sizes:
+                if self.fused_serves(n):
+                    seed = torch.arange(n, dtype=torch.long, device=self.device) * 0x9E3779B1 % (1 << 32)
+                    step = torch.arange(n, dtype=torch.long, device=self.device) + 1000
+                    probs = torch.full((n, V), 1.0 / V, device=self.device)
+                    got, want = self.fused_draw(probs, seed, step, self.vhash), sample(probs, seed, step, self.vhash)
+                    if not torch.equal(got, want):
+                        raise RuntimeError(f"Triton draw {got.tolist()} != torch draw {want.tolist()} at batch {n}")
+        except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
+            self._fused_draw_failed(e)
 
     def _reset_rows(self, g: SlotGroup) -> None:
         rows = slice(g.start, g.start + g.size)

@@ -253,10 +253,11 @@ class VocoderEngine:
                 except Exception as exc:  # the whole step failed: fail its callers
                     log.exception("vocoder step failed")
                     results = [exc] * len(batch)
-                resumed = time.perf_counter()
-                with self._lock:
-                    if self._worker_end is not None:
-                        self._timing["resume_ms"].add(max(0.0, resumed - self._worker_end))
+                else:  # (a failed step recorded no end: resume_ms would span the step)
+                    resumed = time.perf_counter()
+                    with self._lock:
+                        if self._worker_end is not None:
+                            self._timing["resume_ms"].add(max(0.0, resumed - self._worker_end))
                 for call, result in zip(batch, results):
                     if call.future is None or call.future.done():
                         continue
@@ -268,8 +269,11 @@ class VocoderEngine:
     def _run_step(self, batch: list[_Call]) -> list[Any]:
         """Worker thread: run one call per session; pushes (and finishes) batched when the backend can."""
         start = time.perf_counter()
-        opens: list[float] = []
-        solo = {"push": ([], 0.0), "finish": ([], 0.0)}  # calls run one by one (no batched entry)
+        opens: list[float] = []  # seconds of each backend session opened
+        # the step's push / finish part: its calls (batch indices) and its wall seconds (the calls run one
+        # by one, plus the batched call)
+        rows: dict[str, list[int]] = {"push": [], "finish": []}
+        part_s = {"push": 0.0, "finish": 0.0}
         results: list[Any] = [None] * len(batch)
         pushes, finishes = [], []
         for i, call in enumerate(batch):
@@ -293,20 +297,19 @@ class VocoderEngine:
             else:
                 t0 = time.perf_counter()
                 results[i] = self._run_one(call)
-                rows, dt = solo[call.op]
-                solo[call.op] = (rows + [i], dt + time.perf_counter() - t0)
-        t_push = solo["push"][1] if solo["push"][0] else None
-        t_finish = solo["finish"][1] if solo["finish"][0] else None
+                part_s[call.op] += time.perf_counter() - t0
+                rows[call.op].append(i)
         if pushes:
             t0 = time.perf_counter()
             self._run_batched(batch, pushes, results,
                               lambda bs: self._step_batch(bs, [batch[i].tokens for i in pushes]))
-            t_push = (t_push or 0.0) + time.perf_counter() - t0
+            part_s["push"] += time.perf_counter() - t0
+            rows["push"] += pushes
         if finishes:
             t0 = time.perf_counter()
             self._run_batched(batch, finishes, results, self._finish_batch)
-            t_finish = (t_finish or 0.0) + time.perf_counter() - t0
-        pushes, finishes = pushes + solo["push"][0], finishes + solo["finish"][0]
+            part_s["finish"] += time.perf_counter() - t0
+            rows["finish"] += finishes
         for call in batch:
             s = call.session
             if s._closed and call.op != "close":  # closed while its call ran: release it now
@@ -316,12 +319,13 @@ class VocoderEngine:
                     s._need = int(s._backend.tokens_needed())
                 except Exception:  # noqa: BLE001 - a backend that cannot tell gets every push
                     s._need = 0
-        self._record_step(batch, start, time.perf_counter(), opens, pushes, t_push, finishes, t_finish)
+        self._record_step(batch, start, time.perf_counter(), opens, rows, part_s)
         return results
 
     def _record_step(self, batch: list[_Call], start: float, end: float, opens: list[float],
-                     pushes: list[int], t_push: float | None, finishes: list[int], t_finish: float | None) -> None:
-        """Worker thread: one worker step's figures into the statistics (module docstring)."""
+                     rows: dict[str, list[int]], part_s: dict[str, float]) -> None:
+        """Worker thread: one worker step's figures into the statistics (module docstring). ``rows``:
+        the batch indices of the step's push / finish part; ``part_s``: each part's wall seconds."""
         calls = [c for c in batch if c.op != "close"]
         tm = self._timing
         with self._lock:
@@ -336,14 +340,14 @@ class VocoderEngine:
                 tm["queue_wait_ms"].add(max(0.0, start - c.queued))
             for dt in opens:
                 tm["open_ms"].add(dt)
-            if t_push is not None:
-                tm["push_ms"].add(t_push)
-                tm["push_rows"].add(len(pushes))
-                for i in pushes:
+            if rows["push"]:
+                tm["push_ms"].add(part_s["push"])
+                tm["push_rows"].add(len(rows["push"]))
+                for i in rows["push"]:
                     tm["push_tokens"].add(len(batch[i].tokens))
-            if t_finish is not None:
-                tm["finish_ms"].add(t_finish)
-                tm["finish_rows"].add(len(finishes))
+            if rows["finish"]:
+                tm["finish_ms"].add(part_s["finish"])
+                tm["finish_rows"].add(len(rows["finish"]))
 
     def _run_batched(self, batch: list[_Call], idx: list[int], results: list[Any],
                      run: Callable[[list[BackendSession]], list[np.ndarray]]) -> None:

@@ -191,49 +191,49 @@ class S3GenGraphs:
         self.decode = CudaGraphCache(model.mel2wav.decode, "hift.decode", **kw)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {"flow": self.flow.stats(), "flow_padded": self.flow_padded.stats(),
-                "flow_noised": self.flow_noised.stats(), "flow_padded_noised": self.flow_padded_noised.stats(),
-                "f0": self.f0.stats(), "f0_source": self.f0_source.stats(), "decode": self.decode.stats()}
+        """Each cache's ``stats()`` by attribute name (``flow``, ``flow_padded``, ..., ``decode``)."""
+        return {name: cache.stats() for name, cache in vars(self).items() if isinstance(cache, CudaGraphCache)}
+
+
+def _graphed_or_eager(model, name: str, eager: Callable) -> Callable:
+    """``model.graphs.<name>`` when the model was prepared with CUDA graphs, else ``eager``."""
+    g = getattr(model, "graphs", None)
+    return getattr(g, name) if g is not None else eager
 
 
 def flow_fn(model) -> Callable:
     """``model.flow`` or its graphed form (same signature; ``drop_tail_frames`` by keyword)."""
-    g = getattr(model, "graphs", None)
-    return g.flow if g is not None else model.flow
+    return _graphed_or_eager(model, "flow", model.flow)
 
 
 def flow_padded_fn(model) -> Callable:
     """``model.flow.forward_padded`` or its graphed form."""
-    g = getattr(model, "graphs", None)
-    return g.flow_padded if g is not None else model.flow.forward_padded
+    return _graphed_or_eager(model, "flow_padded", model.flow.forward_padded)
 
 
 def flow_noised_fn(model) -> Callable:
     """``model.flow.forward_noised`` or its graphed form."""
-    g = getattr(model, "graphs", None)
-    return g.flow_noised if g is not None else model.flow.forward_noised
+    return _graphed_or_eager(model, "flow_noised", model.flow.forward_noised)
 
 
 def flow_padded_noised_fn(model) -> Callable:
     """``model.flow.forward_padded_noised`` or its graphed form."""
-    g = getattr(model, "graphs", None)
-    return g.flow_padded_noised if g is not None else model.flow.forward_padded_noised
+    return _graphed_or_eager(model, "flow_padded_noised", model.flow.forward_padded_noised)
 
 
 def f0_fn(model) -> Callable:
-    g = getattr(model, "graphs", None)
-    return g.f0 if g is not None else model.mel2wav.f0_at_samples
+    """``model.mel2wav.f0_at_samples`` or its graphed form."""
+    return _graphed_or_eager(model, "f0", model.mel2wav.f0_at_samples)
 
 
 def f0_source_fn(model) -> Callable:
     """``model.mel2wav.f0_source`` or its graphed form."""
-    g = getattr(model, "graphs", None)
-    return g.f0_source if g is not None else model.mel2wav.f0_source
+    return _graphed_or_eager(model, "f0_source", model.mel2wav.f0_source)
 
 
 def decode_fn(model) -> Callable:
-    g = getattr(model, "graphs", None)
-    return g.decode if g is not None else model.mel2wav.decode
+    """``model.mel2wav.decode`` or its graphed form."""
+    return _graphed_or_eager(model, "decode", model.mel2wav.decode)
 
 
 def warm_up_streaming(model, voice, config=None, batch_sizes: tuple[int, ...] = (1,), n_tokens: int = 120) -> None:

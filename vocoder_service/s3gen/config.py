@@ -6,7 +6,7 @@ small widths and few blocks, for fast tests (upstream cannot load it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 SPEECH_VOCAB_SIZE = 6561  # valid speech token ids are 0..6560
 SAMPLE_RATE = 24_000
