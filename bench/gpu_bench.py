@@ -12,7 +12,10 @@ Sections
              with --t3-compile (default on CUDA) also the torch.compile'd decode step: batch-1
              tokens/s, graph replay ms, kernels per step and greedy agreement with the eager engine;
              --t3-kernels triton runs the main engine on the Triton decode step, ``both`` times it
-             beside the torch step (same numbers as for the compiled step)
+             beside the torch step (same numbers as for the compiled step); --t3-overlap both (default)
+             also times each step's engine with ``overlap_steps`` (step N+1 queued before step N's ids
+             are read): batch-1 tokens/s, TTFT, engine-thread split, greedy tokens equal to the serial
+             engine's
   accuracy   greedy agreement ours-bf16 / ours-fp32 vs upstream-fp32; logits error bf16 vs fp32;
              with --t3-kernels triton|both also the Triton bf16 engine vs upstream-fp32, ours-fp32, ours-bf16
   s3gen      our S3Gen: offline per utterance, streaming first-chunk latency, half-precision error
@@ -54,6 +57,7 @@ TEXTS = [
 DEVICE = "cuda"
 PRESET = "turbo"
 T3_KERNELS = "both"  # --t3-kernels: torch | triton | both
+T3_OVERLAP = "both"  # --t3-overlap: off | on | both (engines with EngineConfig.overlap_steps)
 
 
 def sync() -> None:
@@ -73,9 +77,7 @@ def section(name: str) -> Callable:
                 traceback.print_exc()
             finally:
                 RESULTS.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 1)
-                gc.collect()
-                if DEVICE == "cuda":
-                    torch.cuda.empty_cache()
+                release_memory()
         return run
     return wrap
 
@@ -91,6 +93,13 @@ def median_time(fn: Callable[[], Any], reps: int = 3) -> float:
         if rep:
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def release_memory() -> None:
+    """Collect dropped engines and hand their cached CUDA blocks back (between engines in one section)."""
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def peak_reset() -> None:
@@ -187,12 +196,14 @@ def upstream(model_dir: Path, n_tokens: int) -> None:
 
 # ------------------------------------------------------------------------------------------ t3
 def _engine(model_dir: Path, dtype: str, graphs: bool, max_slots: int, compile: bool = False,
-            compile_mode: str = "default", kernels: str = "torch"):
+            compile_mode: str = "default", kernels: str = "torch", overlap: bool | None = None):
+    """``overlap`` None: ``overlap_steps`` as --t3-overlap says for the main engines (on only for ``on``)."""
     from token_service.engine.llm_engine import EngineConfig, LLMEngine
 
     return LLMEngine(EngineConfig(model_dir=model_dir, device=DEVICE, dtype=dtype, cuda_graphs=graphs,
                                   max_slots=max_slots, max_waiting=1024, max_seq_len=2048,
-                                  compile=compile, compile_mode=compile_mode, kernels=kernels))
+                                  compile=compile, compile_mode=compile_mode, kernels=kernels,
+                                  overlap_steps=T3_OVERLAP == "on" if overlap is None else overlap))
 
 
 async def _run_one(engine, ids, params) -> tuple[list[int], float, float]:
@@ -310,7 +321,8 @@ def _variant_bs1(eng, ids, n_tokens: int, r: dict, suffix: str, base: str, greed
     runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
     r[f"batch1_tokens_per_s_{suffix}"] = _tokens_per_s(runs)
     r[f"t3_ttft_ms_bs1_{suffix}"] = statistics.median([f * 1000 for _, f, _ in runs])
-    r[f"greedy_{suffix}_vs_eager"] = _agreement(_greedy(eng, ids), r["greedy_eager"])
+    r[f"greedy_tokens_{suffix}"] = _greedy(eng, ids)
+    r[f"greedy_{suffix}_vs_eager"] = _agreement(r[f"greedy_tokens_{suffix}"], r["greedy_eager"])
     print(f"  {suffix} bs1 {r[f'batch1_tokens_per_s_{suffix}']:.0f} tok/s ({base} {r.get('t3_tokens_per_s_bs1', 0):.0f}); "
           f"greedy vs {greedy_base} {r[f'greedy_{suffix}_vs_eager']}", flush=True)
 
@@ -338,10 +350,8 @@ def t3_triton(model_dir: Path, n_tokens: int, eager, r: dict) -> None:
         _variant_bs1(eng, ids, n_tokens, r, "triton", base="torch", greedy_base="torch bf16")
     finally:
         eng.close()
-        del eng
-        gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+        del eng  # the caller's reference: only then can the collector free the engine's tensors
+        release_memory()
 
 
 def t3_compiled(model_dir: Path, n_tokens: int, eager, r: dict, mode: str) -> None:
@@ -368,10 +378,33 @@ def t3_compiled(model_dir: Path, n_tokens: int, eager, r: dict, mode: str) -> No
         _variant_bs1(eng, ids, n_tokens, r, "compiled", base="eager", greedy_base="eager")
     finally:
         eng.close()
-        del eng
-        gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+        del eng  # the caller's reference: only then can the collector free the engine's tensors
+        release_memory()
+
+
+def t3_overlap(model_dir: Path, n_tokens: int, ids, kernels: str, r: dict, suffix: str, serial_suffix: str,
+               serial_greedy: list[list[int]]) -> None:
+    """An engine with ``overlap_steps`` on and the ``kernels`` step, next to the same step's serial
+    engine (``r[...{serial_suffix}]``, greedy tokens ``serial_greedy``): batch-1 tokens/s and TTFT,
+    engine-thread split, and whether its greedy tokens equal the serial engine's (they must)."""
+    dtype = "bfloat16" if DEVICE == "cuda" else "float32"
+    t_build = time.perf_counter()
+    eng = _engine(model_dir, dtype, DEVICE == "cuda", 8 if DEVICE == "cuda" else 1, kernels=kernels, overlap=True)
+    try:
+        r[f"engine_build_s_{suffix}"] = round(time.perf_counter() - t_build, 1)
+        tm0 = eng.timings()
+        runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
+        r[f"timings_bs1_{suffix}"] = _tdiff(eng.timings(), tm0)
+        r[f"batch1_tokens_per_s_{suffix}"] = _tokens_per_s(runs)
+        r[f"t3_ttft_ms_bs1_{suffix}"] = statistics.median([f * 1000 for _, f, _ in runs])
+        r[f"greedy_{suffix}_equal_serial"] = _greedy(eng, ids) == serial_greedy
+        print(f"  {suffix} ({eng.kernels_status}) bs1 {r[f'batch1_tokens_per_s_{suffix}']:.0f} tok/s (serial "
+              f"{r.get(serial_suffix) or 0:.0f}); split {r[f'timings_bs1_{suffix}']}; greedy equal serial: "
+              f"{r[f'greedy_{suffix}_equal_serial']}", flush=True)
+    finally:
+        eng.close()
+        del eng  # the caller's reference: only then can the collector free the engine's tensors
+        release_memory()
 
 
 @section("t3")
@@ -383,7 +416,8 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int], compile: bool = False, 
     kernels = "triton" if T3_KERNELS == "triton" else "torch"
     eng = _engine(model_dir, "bfloat16" if DEVICE == "cuda" else "float32", DEVICE == "cuda", max(sweep),
                   kernels=kernels)
-    r: dict[str, Any] = {"engine_build_s": time.perf_counter() - t_build, "t3_kernels": eng.kernels_status}
+    r: dict[str, Any] = {"engine_build_s": time.perf_counter() - t_build, "t3_kernels": eng.kernels_status,
+                         "t3_overlap": T3_OVERLAP}
     print(f"  engine built in {r['engine_build_s']:.1f}s", flush=True)
     # roofline: every decoded token reads all weights the decode step uses once (batch 1)
     r["decode_weight_bytes"] = sum(p.numel() * p.element_size() for p in eng.model.parameters())
@@ -416,6 +450,20 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int], compile: bool = False, 
         except Exception as e:  # noqa: BLE001 - record; the rest of the section still runs
             r["triton_error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
+    if T3_OVERLAP == "both":  # the same steps with overlap_steps on (still before the KV groups grow)
+        variants = [(kernels, "overlap", "t3_tokens_per_s_bs1", "greedy_eager")]
+        if T3_KERNELS == "both":
+            variants.append(("triton", "triton_overlap", "batch1_tokens_per_s_triton", "greedy_tokens_triton"))
+        for k, suffix, serial_key, greedy_key in variants:
+            try:
+                if greedy_key == "greedy_eager":
+                    r.setdefault("greedy_eager", _greedy(eng, ids))
+                if greedy_key not in r:
+                    raise RuntimeError(f"no serial {k} greedy tokens to compare with (its variant failed)")
+                t3_overlap(model_dir, n_tokens, ids, k, r, suffix, serial_key, r[greedy_key])
+            except Exception as e:  # noqa: BLE001 - record; the rest of the section still runs
+                r[f"{suffix}_error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
 
     # KV groups beyond the first are created on first use (allocation + graph capture); create them
     # all now so the sweep times steady state, and report what growing costs.
@@ -494,8 +542,7 @@ def accuracy(model_dir: Path) -> None:
             if other in greedy_of and other != tag:
                 r[f"greedy_{tag}_vs_ours_{other}"] = _agreement(got, greedy_of[other])
         del eng
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_memory()
     RESULTS["accuracy"] = r
 
 
@@ -547,9 +594,7 @@ def s3gen(model_dir: Path) -> None:
             model.float()
     RESULTS["s3gen"] = r
     del model
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
+    release_memory()
     r["variants"] = s3gen_variants(model_dir, voice)
 
 
@@ -739,9 +784,7 @@ def s3gen_variants(model_dir: Path, voice) -> dict:
             torch.backends.cuda.matmul.allow_tf32 = prev_tf32
             r["seconds"] = round(time.perf_counter() - t_var, 1)
             del model
-            gc.collect()
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
+            release_memory()
     return out
 
 
@@ -794,6 +837,15 @@ def report(out: Path) -> str:
         lines += step_variant_rows(
             "triton", f"Triton decode step ({t.get('kernels_status', '–')[:40]})", "torch", "Triton",
             "Triton vs torch step, bf16", wider=("1x1024", "8x512"))
+    for suffix, serial_key, name in (("overlap", "t3_tokens_per_s_bs1", t.get("t3_kernels", "main")),
+                                     ("triton_overlap", "batch1_tokens_per_s_triton", "triton")):
+        if f"batch1_tokens_per_s_{suffix}" in t or f"{suffix}_error" in t:
+            tm = t.get(f"timings_bs1_{suffix}", {})
+            lines.append(f"| T3 tokens/s, batch 1, {name[:40]} step: serial → overlapped steps (greedy tokens equal; "
+                         f"decode / emit ms per step) | | {f(t.get(serial_key))} → "
+                         f"{f(t.get(f'batch1_tokens_per_s_{suffix}'))} ({t.get(f'greedy_{suffix}_equal_serial', '–')}; "
+                         f"{f(tm.get('decode_ms_each'), '{:.3f}')} / {f(tm.get('emit_ms_each'), '{:.3f}')}) | "
+                         f"{ratio(t.get(f'batch1_tokens_per_s_{suffix}'), t.get(serial_key))} |")
     acc = RESULTS.get("accuracy", {})
     if "greedy_bfloat16_triton_vs_ours_float32" in acc:
         lines.append(f"| T3 greedy agreement with our fp32 engine, bf16 torch step / bf16 Triton step | | "
@@ -922,11 +974,14 @@ def main() -> None:
     ap.add_argument("--t3-kernels", choices=("torch", "triton", "both"), default="both",
                     help="t3/accuracy sections: decode step of the main engine (torch | triton), or both: torch "
                          "for the main engine plus a Triton engine timed beside it")
+    ap.add_argument("--t3-overlap", choices=("off", "on", "both"), default="both",
+                    help="t3 section: engines with EngineConfig.overlap_steps off, on, or both: the main engine "
+                         "(and the Triton one with --t3-kernels both) serial, each timed again with overlap on")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="tiny preset on CPU, upstream skipped: checks the script itself, times nothing real")
     args = ap.parse_args()
-    global DEVICE, PRESET, T3_KERNELS
-    T3_KERNELS = args.t3_kernels
+    global DEVICE, PRESET, T3_KERNELS, T3_OVERLAP
+    T3_KERNELS, T3_OVERLAP = args.t3_kernels, args.t3_overlap
     if args.cpu_dry_run:
         DEVICE, PRESET = "cpu", "tiny"
     out, work = Path(args.out), Path(args.work)

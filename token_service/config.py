@@ -42,6 +42,9 @@ class TokenServiceConfig:
                                       "CUDA graph per batch size; falls back to torch with a warning if they fail), torch "
                                       "(cuBLAS/cuDNN), or auto (triton on CUDA, torch elsewhere)",
                            choices=("auto", "torch", "triton"))
+    t3_overlap_steps: bool = setting(False, "pytorch engine: queue T3 decode step N+1 on the device before reading step "
+                                            "N's ids (host work overlaps the GPU; same tokens; each request reserves one "
+                                            "more KV position)")
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from a caller, in bytes (larger ones get RESOURCE_EXHAUSTED)")
 
     def validate(self) -> None:

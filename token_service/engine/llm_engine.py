@@ -29,7 +29,7 @@ from ..t3.model import T3Model
 from ..t3.sampling import SamplingParams
 from ..t3.text import MAX_TEXT_TOKENS, TextError, TextTokenizer
 from ..t3.voice import VoiceConds, VoicePrefix, build_voice_prefix
-from .model_runner import ModelRunner, RunnerShape
+from .model_runner import DecodeHandle, ModelRunner, RunnerShape
 from .scheduler import EngineOverloaded, Scheduler
 from .sequence import Sequence
 
@@ -64,6 +64,11 @@ class EngineConfig:
     hand-written Triton kernels of ``t3.triton_decode`` (one CUDA graph per batch bucket; H100: 0.63
     vs 1.27 ms at batch 1); ``"auto"`` (default) means triton on CUDA, torch elsewhere. Without
     Triton, or if they fail at start-up, the engine uses the torch step (``kernels_status`` says why).
+
+    ``overlap_steps`` (opt-in) queues decode step N+1 on the device before reading step N's ids, so
+    the host's per-step work (emitting, the scheduler, picking the graph) runs while the GPU computes
+    instead of between steps. The tokens are the same; a sequence that ends at step N was already in
+    step N+1 (its extra id is dropped), so each request reserves one more KV position.
     """
 
     model_dir: str | Path
@@ -84,6 +89,7 @@ class EngineConfig:
     compile: bool = False  # torch.compile the decode step (opt-in, issue 6)
     compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (inductor never adds its own graphs)
     kernels: str = "auto"  # auto | torch | triton: small-batch decode step through t3.triton_decode (auto: on CUDA)
+    overlap_steps: bool = False  # launch decode step N+1 before reading step N's ids (opt-in)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -128,8 +134,12 @@ class LLMEngine:
         self.prefix_len = self.cfg.prefix_len
         if config.max_seq_len > self.cfg.n_positions:
             raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's n_positions={self.cfg.n_positions}")
+        # overlapped steps: a sequence's last step is followed by one more (already queued) that writes
+        # its final id one position further: reserve that position
+        self.reserved_positions = 1 if config.overlap_steps else 0
         # text budget: leave room for the default number of new tokens
-        self.max_text_tokens = min(MAX_TEXT_TOKENS, config.max_seq_len - self.prefix_len - config.default_max_new_tokens)
+        self.max_text_tokens = min(MAX_TEXT_TOKENS, config.max_seq_len - self.prefix_len - config.default_max_new_tokens
+                                   - self.reserved_positions)
         if self.max_text_tokens < 1:
             raise ValueError(f"max_seq_len={config.max_seq_len} leaves no room for text after the {self.prefix_len}-token "
                              f"voice prefix and {config.default_max_new_tokens} new tokens")
@@ -153,6 +163,8 @@ class LLMEngine:
         # engine-thread time split (seconds): prefill (incl. first sample), decode (incl. the id read-back)
         self._pending: dict[object, list] = {}  # event loop -> [(queue, item)] of this step
         self._timing = dict(prefill_s=0.0, prefills=0, decode_s=0.0, decodes=0, emit_s=0.0)
+        # overlap_steps: the step queued on the device whose ids are not read yet, and the sequences it ran
+        self._inflight: tuple[list[Sequence], DecodeHandle] | None = None
         self._thread = threading.Thread(target=self._loop, name="t3-engine", daemon=True)
         self._thread.start()
 
@@ -179,10 +191,11 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < self.cfg.text_vocab_size]
         if bad:
             raise ValueError(f"text ids out of range [0, {self.cfg.text_vocab_size}): {bad[:5]}")
-        need = self.prefix_len + len(ids) + params.max_new_tokens
+        need = self.prefix_len + len(ids) + params.max_new_tokens + self.reserved_positions
         if need > self.config.max_seq_len:
+            extra = " + 1 position for the overlapped step" if self.reserved_positions else ""
             raise TextError(f"request too long: {len(ids)} text tokens + {params.max_new_tokens} new tokens + the "
-                            f"{self.prefix_len}-token voice prefix = {need} positions > max_seq_len "
+                            f"{self.prefix_len}-token voice prefix{extra} = {need} positions > max_seq_len "
                             f"{self.config.max_seq_len}")
         seq = Sequence(voice=voice, text_ids=ids, params=params, seed=params.resolved_seed())
         return self._stream(seq)
@@ -277,9 +290,10 @@ class LLMEngine:
             torch.cuda.set_device(idx)
         while True:
             with self._wake:
-                while not self._stop and not self.scheduler.has_work():
+                while not self._stop and not self.scheduler.has_work() and self._inflight is None:
                     self._wake.wait()
                 if self._stop:
+                    self._inflight = None  # its sequences fail below; its ids are never read
                     self._fail_all(RuntimeError("the token engine was shut down"), locked=True)
                     return
                 self.runner.deactivate(self.scheduler.take_released())
@@ -288,6 +302,7 @@ class LLMEngine:
                 self._step(admitted)
             except Exception as e:  # a failed step ends the sequences in it, never the engine
                 log.exception("token engine step failed")
+                self._inflight = None  # its sequences fail with the rest
                 self._fail_all(e, locked=False)
 
     def _step(self, admitted: list[Sequence]) -> None:
@@ -329,6 +344,9 @@ class LLMEngine:
         with self._lock:
             batch = self.scheduler.decode_batch()
         batch = [s for s in batch if not s.cancelled]
+        if self.config.overlap_steps:
+            self._overlapped_decode(batch)
+            return
         if not batch:
             return
         t0 = time.perf_counter()
@@ -342,9 +360,36 @@ class LLMEngine:
         tm["decodes"] += 1
         tm["emit_s"] += time.perf_counter() - t1
 
+    def _overlapped_decode(self, batch: list[Sequence]) -> None:
+        """Queue the step over ``batch``, THEN read the previously queued step's ids and emit them for
+        the sequences it ran (those finished or cancelled since are skipped by ``_emit``; sequences
+        admitted since are not in it). Host positions move when a step is queued, as the device's do,
+        so the next launch picks its KV bucket from where the rows really are."""
+        tm = self._timing
+        prev, self._inflight = self._inflight, None
+        t0 = time.perf_counter()
+        if batch:
+            handle = self.runner.decode_launch([(s.slot, s.position) for s in batch])
+            for seq in batch:
+                seq.position += 1
+            self._inflight = (batch, handle)
+            self._counters["steps"] += 1
+        if prev is None:
+            tm["decode_s"] += time.perf_counter() - t0
+            return
+        ran, handle = prev
+        toks = self.runner.decode_collect(handle)
+        t1 = time.perf_counter()
+        for seq in ran:
+            self._emit(seq, toks[seq.slot])
+        tm["decode_s"] += t1 - t0
+        tm["decodes"] += 1
+        tm["emit_s"] += time.perf_counter() - t1
+
     def _emit(self, seq: Sequence, tok: int) -> None:
-        """Account one sampled token of ``seq``: stream it, or end the sequence."""
-        if seq.cancelled:
+        """Account one sampled token of ``seq``: stream it, or end the sequence (ids sampled for a
+        sequence that already ended, by overlapped steps, are dropped)."""
+        if seq.cancelled or seq.finished:
             return
         seq.n_sampled += 1
         self._counters["tokens"] += 1

@@ -14,7 +14,9 @@ id), ``positions`` (where it is written next), ``active`` (0/1), sampling parame
 ``t3.sampling``). A group's step reads and updates only its slice of these tensors, so it has no
 host inputs at all: on CUDA it is captured once per (batch bucket, KV bucket) and replayed; on
 CPU it runs eagerly. The only host sync per step is reading the sampled ids back, which
-streaming needs anyway.
+streaming needs anyway; :meth:`ModelRunner.decode_launch` / :meth:`ModelRunner.decode_collect` split
+it off (ids copied to a pinned buffer behind an event), so the engine can queue step N+1 before it
+reads step N's ids (``EngineConfig.overlap_steps``).
 
 Sampling uses the top-k fast path (``process_logits_topk``: one ``topk`` instead of two full
 sorts) whenever every running row of the group has ``top_k <= TOPK_WIDTH`` (the default 1000
@@ -104,6 +106,16 @@ class RunnerShape:
 
 
 @dataclass
+class DecodeHandle:
+    """A launched decode step: its ids once read (``ids``), else the pinned buffer + event to read them from."""
+
+    hi: int  # ids of slots 0 .. hi-1
+    ids: list[int] | None = None
+    buf: Tensor | None = None
+    event: "torch.cuda.Event | None" = None
+
+
+@dataclass
 class SlotGroup:
     """Slots ``start .. start+size-1``: their KV cache (``None`` until first used) and CUDA graphs."""
 
@@ -136,6 +148,13 @@ class ModelRunner:
         self.vhash = vocab_hash(V, device)
         self._true = torch.ones((), dtype=torch.bool, device=device)
         self.row_top_k = [V] * n  # host copy: picks the sampler path per step
+        # CUDA: two pinned host buffers (+ events) the launched steps' ids land in, alternately
+        self._host_ids: list[Tensor] | None = None
+        self._host_events: list["torch.cuda.Event"] = []
+        self._host_turn = 0
+        if device.type == "cuda":
+            self._host_ids = [torch.zeros(n, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._host_events = [torch.cuda.Event() for _ in range(2)]
         self.use_graphs = shape.cuda_graphs and device.type == "cuda"
         self.compiled: CompiledDecode | None = None
         self.compile_status = "off"  # off | on | fallback: <why> (eager step after a failure)
@@ -439,7 +458,36 @@ class ModelRunner:
     def decode(self, running: list[tuple[int, int]]) -> list[int]:
         """Advance every running slot by one token. ``running``: ``(slot, position)`` of each running
         sequence (position = where its last token is written this step). Returns the sampled ids
-        indexed by slot, up to the highest running slot (ignore the others)."""
+        indexed by slot, up to the highest running slot (ignore the others). The serial path: one
+        synchronous read-back (what the H100 measurements ran); :meth:`decode_launch` is the overlapped one."""
+        self._launch_body(running)
+        return self.sampled[:max(s for s, _ in running) + 1].tolist()
+
+    @torch.inference_mode()
+    def decode_launch(self, running: list[tuple[int, int]]) -> DecodeHandle:
+        """Queue one decode step (as :meth:`decode`) without waiting for it; :meth:`decode_collect`
+        returns its ids. On CUDA the step's ``sampled[:hi]`` is copied into one of two pinned host
+        buffers (``non_blocking``) and an event recorded, so the next step can be launched before
+        this one's ids are read; at most two handles may be outstanding (the buffers alternate). On
+        CPU the step runs eagerly and the handle holds the list."""
+        self._launch_body(running)
+        hi = max(s for s, _ in running) + 1
+        if self._host_ids is None:
+            return DecodeHandle(hi, ids=self.sampled[:hi].tolist())
+        self._host_turn ^= 1
+        buf, event = self._host_ids[self._host_turn], self._host_events[self._host_turn]
+        buf[:hi].copy_(self.sampled[:hi], non_blocking=True)
+        event.record()
+        return DecodeHandle(hi, buf=buf, event=event)
+
+    def decode_collect(self, handle: DecodeHandle) -> list[int]:
+        """The sampled ids of a launched step, indexed by slot up to its highest running slot (waits for it)."""
+        if handle.ids is None:
+            handle.event.synchronize()
+            handle.ids = handle.buf[:handle.hi].tolist()
+        return handle.ids
+
+    def _launch_body(self, running: list[tuple[int, int]]) -> None:
         per_group: dict[int, list[tuple[int, int]]] = {}
         for slot, pos in running:
             per_group.setdefault(self.groups.index(self.group_of(slot)), []).append((slot, pos))
@@ -452,7 +500,6 @@ class ModelRunner:
                 graph.replay()
             else:
                 self._decode_body(g, n, kv_len, fast)
-        return self.sampled[:max(s for s, _ in running) + 1].tolist()
 
     # ------------------------------------------------------------------ torch.compile (opt-in)
     def _compile_failed(self, err: BaseException, what: str) -> None:

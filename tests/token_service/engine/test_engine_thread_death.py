@@ -8,13 +8,14 @@ import pytest
 from token_service.engine import EngineConfig, LLMEngine, SamplingParams
 
 
-def test_streams_fail_instead_of_hanging_when_the_engine_thread_dies(demo_tiny_dir, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_streams_fail_instead_of_hanging_when_the_engine_thread_dies(demo_tiny_dir, monkeypatch, overlap):
     def boom(self):
         raise RuntimeError("simulated crash at thread start")
 
     monkeypatch.setattr(LLMEngine, "_loop_body", boom)
     eng = LLMEngine(EngineConfig(model_dir=demo_tiny_dir, device="cpu", max_slots=2, max_seq_len=376 + 64 + 50,
-                                 default_max_new_tokens=50))
+                                 default_max_new_tokens=50, overlap_steps=overlap))
     eng._thread.join(timeout=10)
     assert not eng._thread.is_alive()
 

@@ -1,4 +1,7 @@
-"""The token engine on the tiny demo folder (CPU, float32): continuous batching, cancel, stats."""
+"""The token engine on the tiny demo folder (CPU, float32): continuous batching, cancel, stats.
+
+Every test runs with ``overlap_steps`` off and on (step N+1 queued before step N's ids are read):
+the behaviour and the tokens must be the same."""
 from __future__ import annotations
 
 import asyncio
@@ -11,10 +14,15 @@ from token_service.t3.loader import load_t3, load_voice_conds_all
 from token_service.t3.voice import build_voice_prefix
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["serial", "overlap"])
+def overlap(request) -> bool:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def engine(demo_tiny_dir):
+def engine(demo_tiny_dir, overlap):
     eng = LLMEngine(EngineConfig(model_dir=demo_tiny_dir, device="cpu", max_slots=4, max_seq_len=376 + 64 + 200,
-                                 max_waiting=64, default_max_new_tokens=200))
+                                 max_waiting=64, default_max_new_tokens=200, overlap_steps=overlap))
     yield eng
     eng.close()
 
@@ -103,9 +111,9 @@ def test_cancel_frees_the_slot_at_once(engine):
     asyncio.run(run())
 
 
-def test_stats_while_running_and_overload(demo_tiny_dir):
+def test_stats_while_running_and_overload(demo_tiny_dir, overlap):
     eng = LLMEngine(EngineConfig(model_dir=demo_tiny_dir, device="cpu", max_slots=2, max_seq_len=640,
-                                 max_waiting=1, default_max_new_tokens=200))
+                                 max_waiting=1, default_max_new_tokens=200, overlap_steps=overlap))
     try:
         async def run():
             p = SamplingParams(seed=0, max_new_tokens=200, top_k=0, temperature=1.0, repetition_penalty=1.0)
@@ -131,10 +139,10 @@ def test_stats_while_running_and_overload(demo_tiny_dir):
         eng.close()
 
 
-def test_many_streams_with_random_cancels_leak_nothing(demo_tiny_dir):
+def test_many_streams_with_random_cancels_leak_nothing(demo_tiny_dir, overlap):
     """40 streams through 6 slots; every third one is abandoned after its first chunk."""
     eng = LLMEngine(EngineConfig(model_dir=demo_tiny_dir, device="cpu", max_slots=6, max_seq_len=640,
-                                 max_waiting=64, default_max_new_tokens=200))
+                                 max_waiting=64, default_max_new_tokens=200, overlap_steps=overlap))
     try:
         async def one(i):
             stream = eng.generate("default", [10 + i, 20, 30 + i], SamplingParams(seed=i, max_new_tokens=8 + i % 13))
@@ -160,11 +168,11 @@ def test_many_streams_with_random_cancels_leak_nothing(demo_tiny_dir):
         eng.close()
 
 
-def test_streams_across_lazily_allocated_kv_groups(demo_tiny_dir, reference):
+def test_streams_across_lazily_allocated_kv_groups(demo_tiny_dir, reference, overlap):
     """Slot groups of 1, 1, 2: a group's KV cache appears when one of its slots is first used, and
     streams spread over several groups still equal the single-sequence path."""
     eng = LLMEngine(EngineConfig(model_dir=demo_tiny_dir, device="cpu", max_slots=4, max_seq_len=376 + 64 + 200,
-                                 default_max_new_tokens=200, kv_first_group=1))
+                                 default_max_new_tokens=200, kv_first_group=1, overlap_steps=overlap))
     try:
         assert [g.size for g in eng.runner.groups] == [1, 1, 2]
         assert [g.cache is not None for g in eng.runner.groups] == [True, False, False]

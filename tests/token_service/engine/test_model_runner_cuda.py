@@ -55,3 +55,22 @@ def test_compiled_step_in_graphs_equals_eager(demo_tiny_dir):
     finally:
         compiled.close()
         eager.close()
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_overlapped_steps_decode_what_serial_steps_decode(demo_tiny_dir, kernels):
+    """``overlap_steps``: step N+1 is queued (graph replay, ids copied to a pinned buffer) before step
+    N's ids are read; the fp32 tokens equal the serial engine's, streams leave early (small budgets)
+    and new ones take their slots while a step is in flight."""
+    requests = [([1 + i, 50 + i, 7] * (1 + i % 2), SamplingParams(seed=i, max_new_tokens=3 + 7 * i,
+                 top_k=1 if i % 3 == 0 else 1000)) for i in range(12)]
+    serial = cuda_engine(demo_tiny_dir, dtype="float32", kernels=kernels)
+    overlap = cuda_engine(demo_tiny_dir, dtype="float32", kernels=kernels, overlap_steps=True)
+    try:
+        assert overlap.kernels_status == kernels and overlap.runner.graphs
+        assert run_all(overlap, requests) == run_all(serial, requests)
+        a, b = overlap.stats(), serial.stats()
+        assert (a["tokens"], a["finished"], a["free_slots"]) == (b["tokens"], b["finished"], 8)
+    finally:
+        serial.close()
+        overlap.close()
