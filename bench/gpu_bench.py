@@ -235,13 +235,9 @@ def _replay_ms(group, n: int, kv: int, reps: int = 200) -> float | None:
     gr = group.graphs.get((n, kv))
     if gr is None:
         return None
-    gr.replay()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        gr.replay()
-    sync()
-    return round((time.perf_counter() - t0) / reps * 1000, 4)
+    from bench.replay_timing import graph_replay_ms
+
+    return round(graph_replay_ms(gr, reps, warmup=1), 4)
 
 
 @torch.inference_mode()

@@ -41,6 +41,7 @@ def main() -> None:
                 raise SystemExit(f"--triton-set: {name!r} is not an int constant of t3.triton_decode")
             setattr(td, name, int(value))
             print(f"triton_decode.{name} = {value}")
+    from bench.replay_timing import graph_replay_ms
     from export.demo_checkpoint import write_demo_checkpoint
     from token_service.engine.llm_engine import EngineConfig, LLMEngine
 
@@ -65,15 +66,7 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     n_kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 5
     print(f"CUDA kernels per step: {n_kernels:.0f}")
-    gr = g.graphs[key]
-    for _ in range(3):
-        gr.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        gr.replay()
-    torch.cuda.synchronize()
-    print(f"graph replay: {(time.perf_counter() - t0) / 200 * 1000:.3f} ms/step")
+    print(f"graph replay: {graph_replay_ms(g.graphs[key], 200, warmup=3):.3f} ms/step")
     # new-shape cost of the eager in-place prefill (the path every prefill took before the staged
     # graphs): default SDPA backends (cuDNN on H100) vs cuDNN excluded
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -109,12 +102,7 @@ def main() -> None:
             torch.cuda.current_stream().wait_stream(s)
             with torch.cuda.graph(cg, pool=r._pool):
                 r._decode_body(g, args.batch, args.kv)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            cg.replay()
-        torch.cuda.synchronize()
-        print(f"graph replay, cuDNN SDPA excluded: {(time.perf_counter() - t0) / 200 * 1000:.3f} ms/step")
+        print(f"graph replay, cuDNN SDPA excluded: {graph_replay_ms(cg, 200, warmup=0):.3f} ms/step")
     eng.close()
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.replay_timing import graph_replay_ms  # noqa: E402 - after the repo root is on the path
 
 VARIANTS: list[dict[str, int]] = [
     {},
@@ -36,7 +37,7 @@ VARIANTS: list[dict[str, int]] = [
 ]
 
 
-def replay_ms(fn, reps: int = 200) -> float:
+def captured_ms(fn, reps: int = 200) -> float:
     """Capture ``fn`` in a CUDA graph (after 3 warm-up calls) and time ``reps`` replays."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -47,14 +48,7 @@ def replay_ms(fn, reps: int = 200) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    for _ in range(5):
-        g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps * 1e3
+    return graph_replay_ms(g, reps, warmup=5)
 
 
 def main() -> None:
@@ -95,7 +89,7 @@ def main() -> None:
     with torch.inference_mode():
         for b in batches:
             emit({"path": "torch", "batch": b, "kv": args.kv,
-                  "ms": round(replay_ms(lambda: decode_step(model, cache, b, tokens[:b], positions[:b], args.kv)), 4)})
+                  "ms": round(captured_ms(lambda: decode_step(model, cache, b, tokens[:b], positions[:b], args.kv)), 4)})
         for variant in [{}] if args.defaults_only else VARIANTS:
             for k, v in defaults.items():
                 setattr(td, k, v)
@@ -103,7 +97,7 @@ def main() -> None:
                 setattr(td, k, v)
             for b in batches if not variant else batches[:1]:
                 try:
-                    ms = replay_ms(lambda: fd.logits(cache, b, tokens[:b], positions[:b]))
+                    ms = captured_ms(lambda: fd.logits(cache, b, tokens[:b], positions[:b]))
                     emit({"path": "triton", "variant": variant, "batch": b, "kv": args.kv, "ms": round(ms, 4)})
                 except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result too
                     emit({"path": "triton", "variant": variant, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
@@ -132,15 +126,7 @@ def engine_step_ms(model, dev: torch.device, kv: int, batches: list[int]) -> lis
             r.capture_graphs(g)
         for b in batches:
             r.positions[:b] = kv - 1  # active stays 0: positions do not move between replays
-            graph = g.graphs[(b, r.shape.max_seq_len)]
-            for _ in range(5):
-                graph.replay()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(200):
-                graph.replay()
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / 200 * 1e3
+            ms = graph_replay_ms(g.graphs[(b, r.shape.max_seq_len)], 200, warmup=5)
             out.append({"path": "engine-step", "draw": "triton" if r.fused_draw is not None else "torch",
                         "kernels": r.kernels_status, "batch": b, "kv": kv, "ms": round(ms, 4)})
     return out

@@ -26,6 +26,19 @@ def _stream(model, voice, tokens: list[int], seed: int, step: int = 3) -> torch.
     return torch.cat(outs)
 
 
+def _stream_batched(model, voice, token_lists: list[list[int]], step: int) -> list[torch.Tensor]:
+    """One session per token list (seed = its index), all pushed together ``step`` tokens at a time
+    through ``push_batch``, then finished: each session's whole audio."""
+    sessions = [StreamingSession(model, voice, seed=i) for i in range(len(token_lists))]
+    outs = [[] for _ in sessions]
+    for i in range(0, len(token_lists[0]), step):
+        for o, a in zip(outs, push_batch(sessions, [t[i:i + step] for t in token_lists])):
+            o.append(a)
+    for o, s in zip(outs, sessions):
+        o.append(s.finish())
+    return [torch.cat(o) for o in outs]
+
+
 def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -52,18 +65,12 @@ def test_graphed_batch_rows_do_not_mix(tiny_model, tiny_voice):
     g = torch.Generator().manual_seed(2)
     toks = [torch.randint(0, tiny_model.cfg.vocab_size, (40,), generator=g).tolist() for _ in range(3)]
     solo = [_stream(graphed, tiny_voice, t, seed=i, step=5) for i, t in enumerate(toks)]
-    sessions = [StreamingSession(graphed, tiny_voice, seed=i) for i in range(3)]
-    outs = [[] for _ in sessions]
-    for i in range(0, 40, 5):
-        for o, a in zip(outs, push_batch(sessions, [t[i:i + 5] for t in toks])):
-            o.append(a)
-    for o, s in zip(outs, sessions):
-        o.append(s.finish())
+    batched = _stream_batched(graphed, tiny_voice, toks, step=5)
     # Batch 3 runs padded to a batch-4 graph, solo runs a batch-1 graph: cuDNN/cuBLAS choose other
     # kernels (TF32 convolutions by default) per batch shape, which moved the audio by 4.1e-4 relative
     # on the H100 (2026-11-25). Rows that mixed would differ by O(1), so 2e-3 still catches mixing.
-    for o, ref in zip(outs, solo):
-        assert rel(torch.cat(o), ref) <= 2e-3
+    for got, ref in zip(batched, solo):
+        assert rel(got, ref) <= 2e-3
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -98,17 +105,11 @@ def test_batch_above_largest_bucket_runs_in_slices(tiny_model, tiny_voice):
     g = torch.Generator().manual_seed(5)
     toks = [torch.randint(0, tiny_model.cfg.vocab_size, (30,), generator=g).tolist() for _ in range(5)]
     solo = [_stream(graphed, tiny_voice, t, seed=i, step=10) for i, t in enumerate(toks)]
-    sessions = [StreamingSession(graphed, tiny_voice, seed=i) for i in range(5)]  # 5 rows: slices 2 + 2 + 1
-    outs = [[] for _ in sessions]
-    for i in range(0, 30, 10):
-        for o, a in zip(outs, push_batch(sessions, [t[i:i + 10] for t in toks])):
-            o.append(a)
-    for o, s in zip(outs, sessions):
-        o.append(s.finish())
+    batched = _stream_batched(graphed, tiny_voice, toks, step=10)  # 5 rows: slices 2 + 2 + 1
     stats = graphed.graphs.stats()
     assert stats["flow_padded_noised"]["eager_shapes"] == 0 and stats["flow_padded_noised"]["graphs"] >= 2, stats
-    for o, ref in zip(outs, solo):
-        assert rel(torch.cat(o), ref) <= 2e-3
+    for got, ref in zip(batched, solo):
+        assert rel(got, ref) <= 2e-3
 
 
 def test_graphed_step_has_no_host_sync_before_the_audio(tiny_model, tiny_voice, monkeypatch):

@@ -192,18 +192,23 @@ def test_one_kv_position_is_reserved_and_used(demo_tiny_dir):
         eng.close()
 
 
+def _collect_raises_at(monkeypatch, k: int, exc: BaseException) -> None:
+    """``ModelRunner.decode_collect`` raises ``exc`` on its ``k``-th call (the others read ids as usual)."""
+    collect, n = ModelRunner.decode_collect, [0]
+
+    def failing(self, handle):
+        n[0] += 1
+        if n[0] == k:
+            raise exc
+        return collect(self, handle)
+
+    monkeypatch.setattr(ModelRunner, "decode_collect", failing)
+
+
 def test_a_failed_collect_fails_the_streams_and_the_engine_goes_on(demo_tiny_dir, monkeypatch):
     model = _model(demo_tiny_dir)
     eng = _engine(demo_tiny_dir, model, True)
-    collect, n = ModelRunner.decode_collect, [0]
-
-    def flaky(self, handle):
-        n[0] += 1
-        if n[0] == 4:
-            raise RuntimeError("simulated device error")
-        return collect(self, handle)
-
-    monkeypatch.setattr(ModelRunner, "decode_collect", flaky)
+    _collect_raises_at(monkeypatch, 4, RuntimeError("simulated device error"))
     try:
         async def run():
             streams = [eng.generate("default", [1 + i, 2], SamplingParams(seed=i, max_new_tokens=30)) for i in range(3)]
@@ -226,15 +231,7 @@ class _Die(BaseException):
 
 def test_engine_thread_death_mid_stream_fails_the_streams(demo_tiny_dir, monkeypatch):
     eng = _engine(demo_tiny_dir, _model(demo_tiny_dir), True)
-    collect, n = ModelRunner.decode_collect, [0]
-
-    def dying(self, handle):
-        n[0] += 1
-        if n[0] == 3:
-            raise _Die("simulated thread death")
-        return collect(self, handle)
-
-    monkeypatch.setattr(ModelRunner, "decode_collect", dying)
+    _collect_raises_at(monkeypatch, 3, _Die("simulated thread death"))
     try:
         async def run():
             streams = [eng.generate("default", [1 + i, 2], SamplingParams(seed=i, max_new_tokens=30)) for i in range(2)]
