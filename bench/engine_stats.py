@@ -35,7 +35,8 @@ from typing import Any
 
 from tts_common.stats_log import STATS_KEY, STATS_MSG
 
-GAUGES = ("active_sessions", "active_streams", "active", "running", "waiting")
+GAUGES = ("active_sessions", "active_streams", "active", "running", "waiting",
+          "allocated_MB", "reserved_MB", "peak_reserved_MB")  # the last three: ``gpu_mem`` (tts_common.gpu_memory)
 # a load's idle pause after each level = the stats interval + this; the cut's slack_s = interval + half of it
 # (so the line covering a level's last work is inside the slack, and the next level's first line is not)
 SETTLE_MARGIN_S = 0.5
@@ -86,7 +87,7 @@ def level_stats(lines: list[dict[str, Any]], t_start: float, t_end: float, slack
     wall = max(t_end - t_start, 1e-9)
     skip = set(GAUGES) | {"t", "unix_s"}
     delta = {k: round(v - base.get(k, 0.0), 4) for k, v in last.items()
-             if k.split(".")[-1] not in ("p50", "p99", "max", "window_n") and k not in skip
+             if k.split(".")[-1] not in ("p50", "p99", "max", "window_n") and k.split(".")[-1] not in skip
              and v - base.get(k, 0.0) > 0}
     out: dict[str, Any] = {"lines": len(during), "wall_s": round(wall, 3), "delta": delta,
                            "per_s": {k: round(v / wall, 3) for k, v in delta.items() if "." not in k}}
@@ -106,7 +107,14 @@ def level_stats(lines: list[dict[str, Any]], t_start: float, t_end: float, slack
                          "p99_max": max(fl[f"{h}.p99"] for fl in flats if f"{h}.p99" in fl),
                          "max": max(fl[f"{h}.max"] for fl in flats if f"{h}.max" in fl)}
     out["window"] = window
-    out["peak"] = {g: max(f.get(g, 0.0) for f in flats) for g in GAUGES if any(g in f for f in flats)}
+    # gauges by leaf name (``gpu_mem.reserved_MB`` -> ``reserved_MB``)
+    peak: dict[str, float] = {}
+    for f in flats:
+        for k, v in f.items():
+            leaf = k.rsplit(".", 1)[-1]
+            if leaf in GAUGES:
+                peak[leaf] = max(peak.get(leaf, 0.0), v)
+    out["peak"] = {g: peak[g] for g in GAUGES if g in peak}
     return out
 
 

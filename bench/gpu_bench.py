@@ -14,8 +14,8 @@ Sections
              --t3-kernels triton runs the main engine on the Triton decode step, ``both`` times it
              beside the torch step (same numbers as for the compiled step); --t3-overlap both (default)
              also times each step's engine with ``overlap_steps`` (step N+1 queued before step N's ids
-             are read): batch-1 tokens/s, TTFT, engine-thread split, greedy tokens equal to the serial
-             engine's
+             are read; --t3-overlap-depth D keeps D steps queued ahead of the one read): batch-1
+             tokens/s, TTFT, engine-thread split, greedy tokens equal to the serial engine's
   accuracy   greedy agreement ours-bf16 / ours-fp32 vs upstream-fp32; logits error bf16 vs fp32;
              with --t3-kernels triton|both also the Triton bf16 engine vs upstream-fp32, ours-fp32, ours-bf16
   s3gen      our S3Gen: offline per utterance, streaming first-chunk latency, half-precision error
@@ -58,6 +58,7 @@ DEVICE = "cuda"
 PRESET = "turbo"
 T3_KERNELS = "both"  # --t3-kernels: torch | triton | both
 T3_OVERLAP = "both"  # --t3-overlap: off | on | both (engines with EngineConfig.overlap_steps)
+T3_OVERLAP_DEPTH = 1  # --t3-overlap-depth: EngineConfig.overlap_depth of the overlapped engines
 
 
 def sync() -> None:
@@ -203,7 +204,8 @@ def _engine(model_dir: Path, dtype: str, graphs: bool, max_slots: int, compile: 
     return LLMEngine(EngineConfig(model_dir=model_dir, device=DEVICE, dtype=dtype, cuda_graphs=graphs,
                                   max_slots=max_slots, max_waiting=1024, max_seq_len=2048,
                                   compile=compile, compile_mode=compile_mode, kernels=kernels,
-                                  overlap_steps=T3_OVERLAP == "on" if overlap is None else overlap))
+                                  overlap_steps=T3_OVERLAP == "on" if overlap is None else overlap,
+                                  overlap_depth=T3_OVERLAP_DEPTH))
 
 
 async def _run_one(engine, ids, params) -> tuple[list[int], float, float]:
@@ -388,15 +390,18 @@ def t3_overlap(model_dir: Path, n_tokens: int, ids, kernels: str, r: dict, suffi
     eng = _engine(model_dir, dtype, DEVICE == "cuda", 8 if DEVICE == "cuda" else 1, kernels=kernels, overlap=True)
     try:
         r[f"engine_build_s_{suffix}"] = round(time.perf_counter() - t_build, 1)
+        r[f"overlap_depth_{suffix}"] = eng.config.overlap_depth
         tm0 = eng.timings()
         runs = asyncio.run(_bs1_runs(eng, ids, n_tokens))
         r[f"timings_bs1_{suffix}"] = _tdiff(eng.timings(), tm0)
         r[f"batch1_tokens_per_s_{suffix}"] = _tokens_per_s(runs)
         r[f"t3_ttft_ms_bs1_{suffix}"] = statistics.median([f * 1000 for _, f, _ in runs])
-        r[f"greedy_{suffix}_equal_serial"] = _greedy(eng, ids) == serial_greedy
-        print(f"  {suffix} ({eng.kernels_status}) bs1 {r[f'batch1_tokens_per_s_{suffix}']:.0f} tok/s (serial "
+        got = _greedy(eng, ids)
+        r[f"greedy_{suffix}_equal_serial"] = got == serial_greedy
+        r[f"greedy_{suffix}_vs_serial"] = _agreement(got, serial_greedy)  # where they part, if they do
+        print(f"  {suffix} ({eng.kernels_status}, depth {eng.config.overlap_depth}) bs1 {r[f'batch1_tokens_per_s_{suffix}']:.0f} tok/s (serial "
               f"{r.get(serial_suffix) or 0:.0f}); split {r[f'timings_bs1_{suffix}']}; greedy equal serial: "
-              f"{r[f'greedy_{suffix}_equal_serial']}", flush=True)
+              f"{r[f'greedy_{suffix}_equal_serial']} {r[f'greedy_{suffix}_vs_serial']}", flush=True)
     finally:
         eng.close()
         del eng  # the caller's reference: only then can the collector free the engine's tensors
@@ -413,7 +418,7 @@ def t3(model_dir: Path, n_tokens: int, sweep: list[int], compile: bool = False, 
     eng = _engine(model_dir, "bfloat16" if DEVICE == "cuda" else "float32", DEVICE == "cuda", max(sweep),
                   kernels=kernels)
     r: dict[str, Any] = {"engine_build_s": time.perf_counter() - t_build, "t3_kernels": eng.kernels_status,
-                         "t3_overlap": T3_OVERLAP}
+                         "t3_overlap": T3_OVERLAP, "t3_overlap_depth": T3_OVERLAP_DEPTH}
     print(f"  engine built in {r['engine_build_s']:.1f}s", flush=True)
     # roofline: every decoded token reads all weights the decode step uses once (batch 1)
     r["decode_weight_bytes"] = sum(p.numel() * p.element_size() for p in eng.model.parameters())
@@ -837,7 +842,8 @@ def report(out: Path) -> str:
                                      ("triton_overlap", "batch1_tokens_per_s_triton", "triton")):
         if f"batch1_tokens_per_s_{suffix}" in t or f"{suffix}_error" in t:
             tm = t.get(f"timings_bs1_{suffix}", {})
-            lines.append(f"| T3 tokens/s, batch 1, {name[:40]} step: serial → overlapped steps (greedy tokens equal; "
+            depth = t.get(f"overlap_depth_{suffix}", t.get("t3_overlap_depth", 1))
+            lines.append(f"| T3 tokens/s, batch 1, {name[:40]} step: serial → overlapped steps, depth {depth} (greedy tokens equal; "
                          f"decode / emit ms per step) | | {f(t.get(serial_key))} → "
                          f"{f(t.get(f'batch1_tokens_per_s_{suffix}'))} ({t.get(f'greedy_{suffix}_equal_serial', '–')}; "
                          f"{f(tm.get('decode_ms_each'), '{:.3f}')} / {f(tm.get('emit_ms_each'), '{:.3f}')}) | "
@@ -880,12 +886,16 @@ def report(out: Path) -> str:
         for n, v in sweep.items():
             lines.append(f"| {n} | {v['aggregate_tokens_per_s']:.0f} | {v['realtime_streams_equiv']:.0f} | "
                          f"{v['ttft_p50_ms']:.0f} / {v['ttft_p99_ms']:.0f} |")
-    svc = RESULTS.get("services", {})
-    if svc:
-        lines += ["", f"Services, concurrency 1: time to first audio p50 {f(svc.get('ttfa_c1_p50_ms'), '{:.0f}')} ms, "
+    for key, title in (("services", "Services"), ("services_mps", "Services under MPS")):
+        svc = RESULTS.get(key, {})
+        if svc.get("skipped"):
+            lines += ["", f"{title}: skipped ({svc['skipped']})"]
+        if not svc.get("sweep"):
+            continue
+        lines += ["", f"{title}, concurrency 1: time to first audio p50 {f(svc.get('ttfa_c1_p50_ms'), '{:.0f}')} ms, "
                   f"p90 {f(svc.get('ttfa_c1_p90_ms'), '{:.0f}')} ms; real-time factor {f(svc.get('rtf'), '{:.3f}')}; "
                   f"GPU memory per service (MB) {svc.get('gpu_mem_MB_c1') or svc.get('gpu_mem_MB')}", "",
-                  "| services: concurrency | TTFA p50 / p99 ms | streams with an underrun | audio s per s | errors |",
+                  f"| {key}: concurrency | TTFA p50 / p99 ms | streams with an underrun | audio s per s | errors |",
                   "| --- | --- | --- | --- | --- |"]
         for n, v in svc.get("sweep", {}).items():
             lines.append(f"| {n} | {v['ttfa_p50_ms']:.0f} / {v['ttfa_p99_ms']:.0f} | {v.get('underrun_streams', v['underruns'])} | "
@@ -922,12 +932,14 @@ def _engine_stats_table(levels: dict) -> list[str]:
                     f"{g(vm.get('step_ms'))} | {g(voc.get('busy_frac'), '{:.2f}')} | {g(vm.get('queue_wait_ms'))} / "
                     f"{g(vw.get('queue_wait_ms', {}).get('p99_max'))} | {g(vm.get('handoff_ms'), '{:.2f}')} | "
                     f"{g(tok.get('per_s', {}).get('steps'))} | {g(tok.get('per_s', {}).get('tokens'), '{:.0f}')} | "
-                    f"{g(tok.get('decode_frac'), '{:.2f}')} |")
+                    f"{g(tok.get('decode_frac'), '{:.2f}')} | {g(voc.get('peak', {}).get('reserved_MB'), '{:.0f}')} / "
+                    f"{g(tok.get('peak', {}).get('reserved_MB'), '{:.0f}')} |")
     if not rows:
         return []
     return ["", "| services: concurrency | vocoder rows / push step | vocoder steps/s | step ms (mean) | vocoder busy | "
-            "queue wait ms mean / p99 | hand-off ms | T3 steps/s | T3 tokens/s | T3 decode busy |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows]
+            "queue wait ms mean / p99 | hand-off ms | T3 steps/s | T3 tokens/s | T3 decode busy | "
+            "torch reserved MB vocoder / T3 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows]
 
 
 def render(paths: list[str], out: Path) -> None:
@@ -973,11 +985,26 @@ def main() -> None:
     ap.add_argument("--t3-overlap", choices=("off", "on", "both"), default="both",
                     help="t3 section: engines with EngineConfig.overlap_steps off, on, or both: the main engine "
                          "(and the Triton one with --t3-kernels both) serial, each timed again with overlap on")
+    ap.add_argument("--t3-overlap-depth", type=int, default=1,
+                    help="t3 section: EngineConfig.overlap_depth of the overlapped engines (decode steps queued "
+                         "ahead of the one whose ids are read; 1 = step N+1, 2 = N+1 and N+2)")
+    ap.add_argument("--mps", choices=("off", "on", "both"), default="off",
+                    help="services: run both services as clients of a private NVIDIA MPS daemon (bench/mps.py; "
+                         "results under services_mps), without it (services), or both one after the other")
+    ap.add_argument("--mps-vocoder-sm-pct", type=int, default=0,
+                    help="with --mps on/both: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for the vocoder only (the share of "
+                         "SMs its kernels may use, leaving the rest to T3); 0 = no limit")
+    ap.add_argument("--vocoder-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="services: extra environment for the vocoder process only (repeatable), e.g. "
+                         "CUDA_MPS_CLIENT_PRIORITY=1 (MPS: its kernels below the token service's)")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="tiny preset on CPU, upstream skipped: checks the script itself, times nothing real")
     args = ap.parse_args()
-    global DEVICE, PRESET, T3_KERNELS, T3_OVERLAP
+    global DEVICE, PRESET, T3_KERNELS, T3_OVERLAP, T3_OVERLAP_DEPTH
     T3_KERNELS, T3_OVERLAP = args.t3_kernels, args.t3_overlap
+    if args.t3_overlap_depth < 1:
+        ap.error(f"--t3-overlap-depth must be >= 1, got {args.t3_overlap_depth}")
+    T3_OVERLAP_DEPTH = args.t3_overlap_depth
     if args.cpu_dry_run:
         DEVICE, PRESET = "cpu", "tiny"
     out, work = Path(args.out), Path(args.work)
@@ -1012,13 +1039,42 @@ def main() -> None:
             stats_log_s=args.stats_log_s or 1.0, level_time_s=args.level_time_s)
         report(out)  # perf.json / PERF.md so far, in case a later section runs past the call's limit
     if "services" in want:
-        from bench.service_load import services_section
-
-        section("services")(services_section)(model_dir, sweep, RESULTS, level_time_s=args.level_time_s,
-                                              log_dir=out / "service-logs",
-                                              vocoder_flags=args.vocoder_flags.split() if DEVICE == "cuda" else [],
-                                              token_flags=args.token_flags.split(), stats_log_s=args.stats_log_s)
+        modes = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.mps] if DEVICE == "cuda" else ["off"]
+        for mode in modes:
+            services_run(model_dir, sweep, out, args, mps=mode == "on")
     print(report(out))
+
+
+def services_run(model_dir: Path, sweep: list[int], out: Path, args: argparse.Namespace, mps: bool) -> None:
+    """The services section, as clients of an MPS daemon (``results["services_mps"]``) or not (``services``)."""
+    from bench.service_load import services_section
+
+    key = "services_mps" if mps else "services"
+    kw = dict(level_time_s=args.level_time_s, log_dir=out / f"{key.replace('_', '-')}-logs",
+              vocoder_flags=args.vocoder_flags.split() if DEVICE == "cuda" else [],
+              token_flags=args.token_flags.split(), stats_log_s=args.stats_log_s, key=key,
+              vocoder_env=dict(kv.split("=", 1) for kv in args.vocoder_env))
+    if not mps:
+        section(key)(services_section)(model_dir, sweep, RESULTS, **kw)
+        return
+    from bench.mps import MpsUnavailable, mps_daemon, server_log
+
+    def run_with_mps() -> None:
+        try:
+            with mps_daemon() as env:
+                try:
+                    pct = args.mps_vocoder_sm_pct
+                    venv = {**kw.pop("vocoder_env"),
+                            **({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(pct)} if pct else {})}
+                    services_section(model_dir, sweep, RESULTS, env=env, vocoder_env=venv, **kw)
+                finally:
+                    RESULTS.setdefault(key, {})["mps_log_tail"] = server_log(env, 1500)
+        except MpsUnavailable as e:
+            RESULTS[key] = {"skipped": f"MPS unavailable: {e}"}
+            print(f"services with MPS skipped: {e}", flush=True)
+
+    section(key)(run_with_mps)()
+    report(out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 size, each row attending up to its position: the rows are set to position ``kv - 1``, so both paths
 attend to ``kv`` positions). ``--triton-set NAME=VALUE`` (repeatable) overrides a block-size constant
 of ``token_service.t3.triton_decode`` first (``TILE_ELEMS``, ``MIN_PROGRAMS``, ``MERGE_MIN_PROGRAMS``,
-``MAX_BLOCK_N``, ``KV_SPLITS``, ``BLOCK_L``, ``GEMV_WARPS``, ``ATTN_WARPS``), to tune them.
+``MAX_BLOCK_N``, ``KV_SPLITS``, ``BLOCK_L``, ``GEMV_WARPS``, ``ATTN_WARPS``; programmatic dependent
+launch: ``PDL=0|1``, ``PDL_TRIGGER=end|start|none``, ``GEMV_PREFETCH=0|1``), to tune them.
 """
 from __future__ import annotations
 
@@ -30,16 +31,17 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile'd decode step (EngineConfig.compile)")
     ap.add_argument("--t3-kernels", default="torch", choices=("torch", "triton"), help="EngineConfig.kernels")
     ap.add_argument("--triton-set", action="append", default=[], metavar="NAME=VALUE",
-                    help="override a t3.triton_decode block-size constant (int)")
+                    help="override a t3.triton_decode constant (int, or str for PDL_TRIGGER)")
     args = ap.parse_args()
     if args.triton_set:
         from token_service.t3 import triton_decode as td
 
         for item in args.triton_set:
             name, value = item.split("=", 1)
-            if not name.isupper() or not isinstance(getattr(td, name, None), int):
-                raise SystemExit(f"--triton-set: {name!r} is not an int constant of t3.triton_decode")
-            setattr(td, name, int(value))
+            current = getattr(td, name, None)
+            if not name.isupper() or not isinstance(current, (int, str)):
+                raise SystemExit(f"--triton-set: {name!r} is not an int or str constant of t3.triton_decode")
+            setattr(td, name, value if isinstance(current, str) else int(value))
             print(f"triton_decode.{name} = {value}")
     from bench.replay_timing import graph_replay_ms
     from export.demo_checkpoint import write_demo_checkpoint

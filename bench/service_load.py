@@ -433,6 +433,7 @@ class ServiceProcesses:
     ready_timeout_s: float = 600.0
     drain_seconds: float = 5.0
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    vocoder_env: dict[str, str] = dataclasses.field(default_factory=dict)  # the vocoder's only (after ``env``)
 
     def __post_init__(self):
         self.vocoder_port, self.token_port = free_port(), free_port()
@@ -442,8 +443,8 @@ class ServiceProcesses:
         self.token: subprocess.Popen | None = None
         self._logs: list = []
 
-    def _start(self, module: str, flags: list[str], name: str) -> subprocess.Popen:
-        env = {**os.environ, "TTS_LOG_FORMAT": "json", **self.env}
+    def _start(self, module: str, flags: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        env = {**os.environ, "TTS_LOG_FORMAT": "json", **self.env, **(env or {})}
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -458,7 +459,7 @@ class ServiceProcesses:
 
     def start_vocoder(self) -> None:
         self.vocoder = self._start("vocoder_service", ["--listen", self.vocoder_target, *self.vocoder_flags],
-                                   "vocoder-service")
+                                   "vocoder-service", self.vocoder_env)
 
     def start(self) -> ServiceProcesses:
         self.start_vocoder()
@@ -680,10 +681,13 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
                      max_new_tokens: int | None = None, c1_requests: int = 20, level_time_s: float | None = None,
                      log_dir: Path | None = None, ready_timeout_s: float = 900.0,
                      vocoder_flags: list[str] | None = None, token_flags: list[str] | None = None,
-                     stats_log_s: float = 0.0) -> None:
+                     stats_log_s: float = 0.0, env: dict[str, str] | None = None, key: str = "services",
+                     vocoder_env: dict[str, str] | None = None) -> None:
     """Both services as processes on ``device`` (default: cuda if available, else cpu), then measure.
 
-    Writes ``results["services"]``: ``ttfa_c1_p50_ms`` / ``ttfa_c1_p90_ms`` (concurrency 1,
+    ``env``: extra environment for both service processes (e.g. an MPS client's, bench/mps.py);
+    ``vocoder_env``: for the vocoder only (e.g. ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``).
+    Writes ``results[key]`` (``key`` default ``"services"``): ``ttfa_c1_p50_ms`` / ``ttfa_c1_p90_ms`` (concurrency 1,
     ``c1_requests`` streams, first sentence as LLM pieces; TTFA as defined in the module docstring),
     ``ttfa_c1_from_first_text_p50_ms``, ``rtf`` (median of the servers' per-stream real-time factor at
     concurrency 1), ``gpu_mem_MB`` (peak per service process from nvidia-smi, overall and at
@@ -723,7 +727,9 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
                                       "piece_gap_ms": spec.piece_gap_s * 1000}}
     if skipped:
         out["skipped_levels_on_cpu"] = skipped
-    results["services"] = out
+    results[key] = out
+    out["config"]["env"] = dict(env or {})
+    out["config"]["vocoder_env"] = dict(vocoder_env or {})
     out["config"]["vocoder_flags"] = list(vocoder_flags or [])
     out["config"]["token_flags"] = extra_token_flags
     tmp_logs = None
@@ -736,7 +742,8 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     settle_s = stats_log_s + SETTLE_MARGIN_S if stats_log_s > 0 else 0.0
     procs = ServiceProcesses(Path(model_dir), device=device, max_streams=top, token_flags=token_flags,
                              vocoder_flags=list(vocoder_flags or []), log_dir=log_dir, ready_timeout_s=ready_timeout_s,
-                             env={"TTS_STATS_LOG_S": str(stats_log_s)} if stats_log_s > 0 else {})
+                             env={**(env or {}), **({"TTS_STATS_LOG_S": str(stats_log_s)} if stats_log_s > 0 else {})},
+                             vocoder_env=dict(vocoder_env or {}))
     t0 = time.perf_counter()
     with GpuMemSampler() as gpu, procs:
         out["startup_s"] = round(time.perf_counter() - t0, 1)

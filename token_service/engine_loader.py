@@ -25,10 +25,13 @@ def load_engine(cfg):
     engine = LLMEngine(EngineConfig(
         model_dir=cfg.model_dir, voices_dir=cfg.voices_dir, device=cfg.device, dtype=cfg.dtype,
         max_slots=slots, max_seq_len=cfg.max_seq_len, default_max_new_tokens=cfg.max_new_tokens,
-        compile=cfg.compile, kernels=cfg.t3_kernels, overlap_steps=cfg.t3_overlap_steps))
+        compile=cfg.compile, kernels=cfg.t3_kernels, overlap_steps=cfg.t3_overlap_steps,
+        overlap_depth=cfg.t3_overlap_depth, kv_first_group=cfg.kv_first_group))
     log.info("token engine ready", extra={"engine": "pytorch", "device": str(engine.device), "dtype": str(engine.dtype),
                                           "kv_slots": slots, "voices": engine.voices(),
                                           "compile": engine.compile_status,
                                           "t3_kernels": engine.kernels_status,
-                                          "t3_overlap_steps": cfg.t3_overlap_steps})
+                                          "t3_overlap_steps": cfg.t3_overlap_steps,
+                                          "t3_overlap_depth": cfg.t3_overlap_depth,
+                                          "kv_first_group": cfg.kv_first_group})
     return engine

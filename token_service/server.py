@@ -36,6 +36,7 @@ from token_service.sentences import SentenceSplitter, split_sentences
 from tts_api.v1 import common_pb2, token_service_pb2, token_service_pb2_grpc, vocoder_service_pb2, vocoder_service_pb2_grpc
 from tts_common.audio import SAMPLES_PER_TOKEN, StreamEncoder, resolve_format
 from tts_common.grpc_server import Admission, ServiceServer, serve_until_signal, service_main
+from tts_common.gpu_memory import gpu_memory_mb
 from tts_common.stats_log import StatsLogger
 from tts_common.telemetry import Telemetry, context_from_metadata, outgoing_metadata
 
@@ -659,7 +660,9 @@ async def start_server(cfg, engine, telemetry: Telemetry, make_sampling=None) ->
     if cfg.stats_log_s > 0:  # TTS_STATS_LOG_S: engine statistics as JSON lines while busy, and at shutdown
         def stats() -> dict[str, Any]:
             timings = getattr(engine, "timings", None)  # the pytorch engine's thread seconds per phase
-            return {**servicer.stats(), **({"timings": timings()} if callable(timings) else {})}
+            mem = gpu_memory_mb()
+            return {**servicer.stats(), **({"timings": timings()} if callable(timings) else {}),
+                    **({"gpu_mem": mem} if mem else {})}
 
         stats_log = StatsLogger(stats, cfg.stats_log_s, logging.getLogger("token_service.stats"),
                                 is_busy=lambda s: s["active_streams"] > 0)

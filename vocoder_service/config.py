@@ -29,6 +29,12 @@ class VocoderServiceConfig:
     max_batch: int = setting(64, "most sessions stepped together on the device")
     hold_pushes: bool = setting(True, "sessions keep token pushes that cannot produce audio yet, so the engine sees "
                                       "one call per step, not per token (off: TTFA p50 3.6 s at 64 streams)")
+    vocoder_urgent_slack_s: float = setting(0.5, "deadline-aware steps: a session whose client has less than this many seconds "
+                                                 "of audio buffered (or no audio yet) is urgent; a step with urgent calls takes "
+                                                 "them first and few others (TTFA under load); 0 = FIFO steps")
+    vocoder_urgent_fill: int = setting(4, "most non-urgent sessions a step with urgent ones also takes (deadline-aware steps)")
+    vocoder_max_defer_ms: float = setting(2000.0, "deadline-aware steps: a call that has waited this long goes in the next "
+                                                  "step whatever its slack (no call waits forever)")
     noise_on_host: bool = setting(False, "hash the flow / source noise on the host and copy it (costs ~2-8 ms of host "
                                          "time per row and step; default: on the device, ~0.1 ms per row)")
     pad_flow_windows: bool = setting(True, "pad every flow window (masked) to one shape, so sessions at different "
@@ -52,4 +58,6 @@ class VocoderServiceConfig:
         if self.engine in ("onnxruntime", "tensorrt") and not self.engine_dir:
             raise ConfigError(f"engine={self.engine} needs --engine-dir / TTS_ENGINE_DIR")
         check_positive(self, "max_streams", "max_batch", "max_message_bytes", "chunk_tokens")
-        check_positive(self, "drain_seconds", "stats_log_s", allow_zero=True)
+        check_positive(self, "drain_seconds", "stats_log_s", "vocoder_urgent_slack_s", "vocoder_urgent_fill",
+                       allow_zero=True)
+        check_positive(self, "vocoder_max_defer_ms")

@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tts_api.v1 import common_pb2, vocoder_service_pb2, vocoder_service_pb2_grpc
 from tts_common.grpc_server import Admission, ServiceServer, serve_until_signal, service_main
+from tts_common.gpu_memory import gpu_memory_mb
 from tts_common.stats_log import StatsLogger
 from tts_common.telemetry import Telemetry, context_from_metadata
 from vocoder_service.engine import SAMPLE_RATE, SPEECH_VOCAB_SIZE, UnknownVoiceError
@@ -198,7 +199,11 @@ async def start_server(cfg, engine, telemetry: Telemetry) -> tuple[ServiceServer
     if cfg.stats_log_s > 0:  # TTS_STATS_LOG_S: engine statistics as JSON lines while busy, and at shutdown
         if hasattr(engine, "stats_window_s"):
             engine.stats_window_s = cfg.stats_log_s  # each line's percentiles cover the time since the last
-        stats_log = StatsLogger(servicer.stats, cfg.stats_log_s, logging.getLogger("vocoder_service.stats"),
+        def stats() -> dict[str, Any]:
+            mem = gpu_memory_mb()
+            return {**servicer.stats(), **({"gpu_mem": mem} if mem else {})}
+
+        stats_log = StatsLogger(stats, cfg.stats_log_s, logging.getLogger("vocoder_service.stats"),
                                 is_busy=lambda s: s["active_streams"] > 0)
         stats_log.start()
         server.on_stop.append(stats_log.stop)

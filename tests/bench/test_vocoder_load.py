@@ -62,6 +62,13 @@ def test_level_stats_cuts_by_time():
     assert fig["mean"]["push_rows"] == round(200 / 30, 3)
     assert fig["window"]["push_rows"] == {"p50_median": 2.0, "p99_max": 12, "max": 12}
     assert fig["peak"]["active_sessions"] == 8
+    assert "reserved_MB" not in fig["peak"]  # no gpu_mem in these lines
+    # nested gauges count by their leaf name, and are peaks, not deltas
+    for i, x in enumerate(lines):
+        x["gpu_mem"] = {"reserved_MB": [100.0, 300.0, 250.0, 200.0, 900.0][i], "allocated_MB": 50.0}
+    fig = level_stats(lines, 100.0, 110.0, slack_s=1.0)
+    assert fig["peak"]["reserved_MB"] == 300.0 and fig["peak"]["allocated_MB"] == 50.0
+    assert not any(k.startswith("gpu_mem") for k in fig["delta"])
     assert level_stats([], 0, 1) is None
     assert level_stats(lines, 200.0, 210.0)["lines"] == 0
 

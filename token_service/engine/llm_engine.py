@@ -17,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Sequence as Seq
@@ -69,6 +70,9 @@ class EngineConfig:
     the host's per-step work (emitting, the scheduler, picking the graph) runs while the GPU computes
     instead of between steps. The tokens are the same; a sequence that ends at step N was already in
     step N+1 (its extra id is dropped), so each request reserves one more KV position.
+    ``overlap_depth`` D (with ``overlap_steps``) keeps D steps queued ahead of the one being read
+    (1 = step N+1 only; 2 = steps N+1 and N+2 are queued before step N's ids are read); a sequence
+    that ends at step N was already in steps N+1 .. N+D, so each request reserves D more KV positions.
     """
 
     model_dir: str | Path
@@ -90,6 +94,7 @@ class EngineConfig:
     compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (inductor never adds its own graphs)
     kernels: str = "auto"  # auto | torch | triton: small-batch decode step through t3.triton_decode (auto: on CUDA)
     overlap_steps: bool = False  # launch decode step N+1 before reading step N's ids (opt-in)
+    overlap_depth: int = 1  # overlap_steps: steps queued ahead of the one being read (1: N+1; 2: N+1 and N+2)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -134,9 +139,12 @@ class LLMEngine:
         self.prefix_len = self.cfg.prefix_len
         if config.max_seq_len > self.cfg.n_positions:
             raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's n_positions={self.cfg.n_positions}")
-        # overlapped steps: a sequence's last step is followed by one more (already queued) that writes
-        # its final id one position further: reserve that position
-        self.reserved_positions = 1 if config.overlap_steps else 0
+        if config.overlap_depth < 1:
+            raise ValueError(f"overlap_depth must be >= 1, got {config.overlap_depth}")
+        # overlapped steps: a sequence's last step is followed by overlap_depth more (already queued), each
+        # writing its newest id one position further: reserve those positions
+        self.overlap_depth = config.overlap_depth if config.overlap_steps else 0
+        self.reserved_positions = self.overlap_depth
         # text budget: leave room for the default number of new tokens
         self.max_text_tokens = min(MAX_TEXT_TOKENS, config.max_seq_len - self.prefix_len - config.default_max_new_tokens
                                    - self.reserved_positions)
@@ -150,7 +158,8 @@ class LLMEngine:
                                                           config.cuda_graphs, config.kv_first_group,
                                                           prefill_rows=max(1, min(config.prefill_rows, config.max_prefills_per_step)),
                                                           compile=config.compile, compile_mode=config.compile_mode,
-                                                          kernels=resolve_kernels(config.kernels, self.device)),
+                                                          kernels=resolve_kernels(config.kernels, self.device),
+                                                          overlap_depth=max(1, self.overlap_depth)),
                                   self.device, self.dtype)
         for i, g in enumerate(self.runner.groups):
             if g.start < min(config.preallocate_slots, config.max_slots):
@@ -163,8 +172,9 @@ class LLMEngine:
         # engine-thread time split (seconds): prefill (incl. first sample), decode (incl. the id read-back)
         self._pending: dict[object, list] = {}  # event loop -> [(queue, item)] of this step
         self._timing = dict(prefill_s=0.0, prefills=0, decode_s=0.0, decodes=0, emit_s=0.0)
-        # overlap_steps: the step queued on the device whose ids are not read yet, and the sequences it ran
-        self._inflight: tuple[list[Sequence], DecodeHandle] | None = None
+        # overlap_steps: the steps queued on the device whose ids are not read yet (oldest first), each
+        # with the sequences it ran; at most overlap_depth + 1 (the runner's host buffers)
+        self._inflight: deque[tuple[list[Sequence], DecodeHandle]] = deque()
         self._thread = threading.Thread(target=self._loop, name="t3-engine", daemon=True)
         self._thread.start()
 
@@ -193,7 +203,8 @@ class LLMEngine:
             raise ValueError(f"text ids out of range [0, {self.cfg.text_vocab_size}): {bad[:5]}")
         need = self.prefix_len + len(ids) + params.max_new_tokens + self.reserved_positions
         if need > self.config.max_seq_len:
-            extra = " + 1 position for the overlapped step" if self.reserved_positions else ""
+            r = self.reserved_positions
+            extra = f" + {r} position{'s' if r > 1 else ''} for the overlapped step{'s' if r > 1 else ''}" if r else ""
             raise TextError(f"request too long: {len(ids)} text tokens + {params.max_new_tokens} new tokens + the "
                             f"{self.prefix_len}-token voice prefix{extra} = {need} positions > max_seq_len "
                             f"{self.config.max_seq_len}")
@@ -290,10 +301,10 @@ class LLMEngine:
             torch.cuda.set_device(idx)
         while True:
             with self._wake:
-                while not self._stop and not self.scheduler.has_work() and self._inflight is None:
+                while not self._stop and not self.scheduler.has_work() and not self._inflight:
                     self._wake.wait()
                 if self._stop:
-                    self._inflight = None  # its sequences fail below; its ids are never read
+                    self._inflight.clear()  # their sequences fail below; their ids are never read
                     self._fail_all(RuntimeError("the token engine was shut down"), locked=True)
                     return
                 self.runner.deactivate(self.scheduler.take_released())
@@ -302,7 +313,7 @@ class LLMEngine:
                 self._step(admitted)
             except Exception as e:  # a failed step ends the sequences in it, never the engine
                 log.exception("token engine step failed")
-                self._inflight = None  # its sequences fail with the rest
+                self._inflight.clear()  # their sequences fail with the rest
                 self._fail_all(e, locked=False)
 
     def _step(self, admitted: list[Sequence]) -> None:
@@ -361,23 +372,25 @@ class LLMEngine:
         tm["emit_s"] += time.perf_counter() - t1
 
     def _overlapped_decode(self, batch: list[Sequence]) -> None:
-        """Queue the step over ``batch``, THEN read the previously queued step's ids and emit them for
-        the sequences it ran (those finished or cancelled since are skipped by ``_emit``; sequences
-        admitted since are not in it). Host positions move when a step is queued, as the device's do,
-        so the next launch picks its KV bucket from where the rows really are."""
+        """Queue the step over ``batch``; THEN, once ``overlap_depth`` steps are queued after the oldest
+        unread one (or when there is nothing to queue: drain in order), read that oldest step's ids and
+        emit them for the sequences it ran (those finished or cancelled since are skipped by ``_emit``;
+        sequences admitted since are not in it). Host positions move when a step is queued, as the
+        device's do, so the next launch picks its KV bucket from where the rows really are. A slot
+        freed meanwhile is re-armed (deactivate, prefill) by work queued on the same stream after the
+        steps that still write it, so reusing it at once is safe."""
         tm = self._timing
-        prev, self._inflight = self._inflight, None
         t0 = time.perf_counter()
         if batch:
             handle = self.runner.decode_launch([(s.slot, s.position) for s in batch])
             for seq in batch:
                 seq.position += 1
-            self._inflight = (batch, handle)
+            self._inflight.append((batch, handle))
             self._counters["steps"] += 1
-        if prev is None:
+        if not self._inflight or (batch and len(self._inflight) <= self.overlap_depth):
             tm["decode_s"] += time.perf_counter() - t0
             return
-        ran, handle = prev
+        ran, handle = self._inflight.popleft()
         toks = self.runner.decode_collect(handle)
         t1 = time.perf_counter()
         for seq in ran:

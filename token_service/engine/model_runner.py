@@ -43,10 +43,21 @@ with the eager step; it never fails the engine for it.
 larger buckets keep the path above. Those kernels read each row's attended length from
 ``positions`` on the device, so such a bucket has ONE graph (key ``(n, max_seq_len)``) instead of
 one per KV bucket. Without Triton, or when a kernel fails to compile or run at start-up, the runner
-logs a warning, records it in ``kernels_status`` and uses the torch step. Those buckets (top-k fast
-path, no torch.compile) also draw the sampled id with ``t3.triton_sampling.sample_race`` (one kernel
-instead of ~40 for ``sample``'s hash, log, division and argmax); a start-up check that fails turns
-only that draw off (``fused_draw``, a warning).
+logs a warning, records it in ``kernels_status`` and uses the torch step. On Hopper the kernels use
+programmatic dependent launch (``kernels_status`` "triton+pdl"; ``FusedDecode.pdl``); if the PDL step
+fails its start-up check or graph capture, the runner first retries the Triton step without PDL
+("triton (pdl off: <why>)"), then falls back to torch. Those buckets (top-k fast
+path, no torch.compile) also sample in ONE kernel, ``t3.triton_sampling.sample_fused`` (the processors,
+softmax and draw; ``fused_sampler``), else in ``process_logits_topk`` + ``softmax`` + the one-kernel draw
+``t3.triton_sampling.sample_race`` (``fused_draw``; instead of ~40 kernels for ``sample``'s hash, log,
+division and argmax). With the one-kernel sampler, the step's bookkeeping (``tokens``, ``sampled``,
+``seen``, ``positions += active``, ``step += 1``) runs in that same kernel too
+(``t3.triton_sampling.sample_fused_step``; ``fused_sampler_step``, checked with ``fused_sampler``),
+launched with programmatic dependent launch only if ``triton_sampling.SAMPLER_PDL`` (off: no gain measured)
+and the Triton step's PDL are on (``pdl=fused.pdl_active``: the ladder that turns the step's PDL off turns
+the sampler's off with it);
+every other path keeps the torch ops. A start-up check (:meth:`ModelRunner._check_fused_draw`) that
+fails turns off only the kernel it checked (a warning; the sampler and its step variant go together).
 """
 from __future__ import annotations
 
@@ -61,8 +72,8 @@ from ..t3.compiled import COMPILE_MODES, CompiledDecode
 from ..t3.config import START_SPEECH
 from ..t3.generate import decode_step, prefill
 from ..t3.model import KVCache, T3Model, prefill_attention_backends
-from ..t3.sampling import (TOPK_WIDTH, process_logits, process_logits_topk, row_values, sample, seed32,
-                           vocab_hash)
+from ..t3.sampling import (TOPK_WIDTH, SamplingParams, process_logits, process_logits_topk, row_values, sample,
+                           seed32, vocab_hash)
 from ..t3.voice import VoicePrefix
 from .sequence import Sequence
 
@@ -103,6 +114,7 @@ class RunnerShape:
     # only, KV 512, bench/tune_triton_decode.py): Triton 0.63 / 1.16 / 2.20 / 3.95 ms at batch 1 / 2 / 4 / 8
     # vs torch 1.27 / 1.29 / 1.31 / 1.38 ms: its GEMV wins only at batch 1 and 2
     fused_max_batch: int = 2
+    overlap_depth: int = 1  # decode_launch: steps queued ahead of the one being read (depth + 1 host buffers)
 
 
 @dataclass
@@ -148,13 +160,16 @@ class ModelRunner:
         self.vhash = vocab_hash(V, device)
         self._true = torch.ones((), dtype=torch.bool, device=device)
         self.row_top_k = [V] * n  # host copy: picks the sampler path per step
-        # CUDA: two pinned host buffers (+ events) the launched steps' ids land in, alternately
+        # CUDA: overlap_depth + 1 pinned host buffers (+ events) the launched steps' ids land in, in turn (a ring)
+        if shape.overlap_depth < 1:
+            raise ValueError(f"overlap_depth must be >= 1, got {shape.overlap_depth}")
         self._host_ids: list[Tensor] | None = None
         self._host_events: list["torch.cuda.Event"] = []
         self._host_turn = 0
         if device.type == "cuda":
-            self._host_ids = [torch.zeros(n, dtype=torch.long, pin_memory=True) for _ in range(2)]
-            self._host_events = [torch.cuda.Event() for _ in range(2)]
+            n_bufs = shape.overlap_depth + 1
+            self._host_ids = [torch.zeros(n, dtype=torch.long, pin_memory=True) for _ in range(n_bufs)]
+            self._host_events = [torch.cuda.Event() for _ in range(n_bufs)]
         self.use_graphs = shape.cuda_graphs and device.type == "cuda"
         self.compiled: CompiledDecode | None = None
         self.compile_status = "off"  # off | on | fallback: <why> (eager step after a failure)
@@ -168,7 +183,11 @@ class ModelRunner:
                 self._compile_failed(e, "setting up torch.compile")
         self.fused = None  # t3.triton_decode.FusedDecode when kernels == "triton" and it works
         self.fused_draw = None  # t3.triton_sampling.sample_race when the Triton step is on and it works
-        self.kernels_status = "torch"  # torch | triton | fallback: <why> (torch step after a failure)
+        self.fused_sampler = None  # t3.triton_sampling.sample_fused, likewise (the whole sampler, one kernel)
+        # t3.triton_sampling.sample_fused_step: that kernel + the step's state updates (used only with fused_sampler)
+        self.fused_sampler_step = None
+        # torch | triton | triton+pdl | triton (pdl off: <why>) | fallback: <why> (torch step after a failure)
+        self.kernels_status = "torch"
         if shape.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {shape.kernels!r}")
         if shape.kernels == "triton":
@@ -176,7 +195,7 @@ class ModelRunner:
                 from ..t3.triton_decode import FusedDecode
 
                 self.fused = FusedDecode(model, max_batch=shape.fused_max_batch)
-                self.kernels_status = "triton"
+                self.kernels_status = "triton+pdl" if self.fused.pdl_active else "triton"
             except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
                 self._fused_failed(e, "setting up the Triton decode kernels")
         if self.fused is not None:
@@ -186,6 +205,15 @@ class ModelRunner:
                 self.fused_draw = sample_race  # the sampler's draw in one kernel (Triton buckets only)
             except Exception as e:  # noqa: BLE001
                 self._fused_draw_failed(e)
+            try:
+                from ..t3.triton_sampling import MAX_FUSED_V, sample_fused, sample_fused_step
+
+                if V > MAX_FUSED_V:
+                    raise ValueError(f"speech vocabulary {V} > MAX_FUSED_V = {MAX_FUSED_V}")
+                self.fused_sampler = sample_fused  # the whole sampler in one kernel (Triton buckets only)
+                self.fused_sampler_step = sample_fused_step  # ... and the step's bookkeeping in it too
+            except Exception as e:  # noqa: BLE001
+                self._fused_sampler_failed(e)
         self._pool = None  # one CUDA-graph memory pool for every group
         sizes = slot_groups(n, shape.first_group or n)
         self.groups: list[SlotGroup] = []
@@ -238,13 +266,18 @@ class ModelRunner:
                 except Exception as e:  # noqa: BLE001
                     if self.compiled is None and self.fused is None:
                         raise
-                    what = f"capturing the decode step of slots {g.start}.."
-                    if self.fused is not None:
-                        self._fused_failed(e, what)
-                    else:
-                        self._compile_failed(e, f"capturing the compiled decode step of slots {g.start}..")
                     g.graphs.clear()
-                    self.capture_graphs(g)
+                    what = f"capturing the decode step of slots {g.start}.."
+                    fused_was_on = self.fused is not None
+                    err: BaseException | None = e
+                    if fused_was_on and self.fused.pdl_active:  # ladder: Triton without PDL, then torch
+                        err = self._capture_without_pdl(g, e, what)
+                    if err is not None:
+                        if self.fused is not None:
+                            self._fused_failed(err, what)
+                        elif not fused_was_on:
+                            self._compile_failed(err, f"capturing the compiled decode step of slots {g.start}..")
+                        self.capture_graphs(g)
             log.info("KV group %d: slots %d..%d allocated (%.2f GB)", index, g.start, g.start + g.size - 1,
                      g.cache.nbytes() / 1e9)
         return g
@@ -425,6 +458,8 @@ class ModelRunner:
     def _sample(self, logits: Tensor, rows: slice, fast: bool, triton_draw: bool = False) -> Tensor:
         args = (logits, self.seen[rows], self.temperature[rows], self.top_k[rows], self.top_p_threshold[rows],
                 self.top_p_on[rows], self.penalty[rows])
+        if triton_draw and self.fused_sampler is not None:  # one kernel: processors, softmax and draw
+            return self.fused_sampler(logits.float(), *args[1:], self.seed[rows], self.step[rows], self.vhash)
         scores = process_logits_topk(*args, width=self.shape.topk_width) if fast else process_logits(*args)
         draw = self.fused_draw if triton_draw and self.fused_draw is not None else sample
         return draw(scores.softmax(dim=-1), self.seed[rows], self.step[rows], self.vhash)
@@ -439,6 +474,14 @@ class ModelRunner:
             logits = decode_step(self.model, g.cache, n, self.tokens[a:b], self.positions[a:b], kv_len)
         else:
             logits = cd.logits(g.cache, n, self.tokens[a:b], self.positions[a:b], kv_len)
+        if (cd is None and fast and self.fused_serves(n) and self.fused_sampler is not None
+                and self.fused_sampler_step is not None):
+            # ONE kernel: processors, softmax, draw AND the bookkeeping below (tokens, sampled, seen, positions, step)
+            self.fused_sampler_step(logits.float(), self.seen[a:b], self.temperature[a:b], self.top_k[a:b],
+                                    self.top_p_threshold[a:b], self.top_p_on[a:b], self.penalty[a:b], self.seed[a:b],
+                                    self.step[a:b], self.vhash, self.tokens[a:b], self.sampled[a:b],
+                                    self.positions[a:b], self.active[a:b], pdl=self.fused.pdl_active)
+            return
         if cd is None:
             tok = self._sample(logits, slice(a, b), fast, triton_draw=fast and self.fused_serves(n))
         else:
@@ -466,15 +509,16 @@ class ModelRunner:
     @torch.inference_mode()
     def decode_launch(self, running: list[tuple[int, int]]) -> DecodeHandle:
         """Queue one decode step (as :meth:`decode`) without waiting for it; :meth:`decode_collect`
-        returns its ids. On CUDA the step's ``sampled[:hi]`` is copied into one of two pinned host
-        buffers (``non_blocking``) and an event recorded, so the next step can be launched before
-        this one's ids are read; at most two handles may be outstanding (the buffers alternate). On
+        returns its ids. On CUDA the step's ``sampled[:hi]`` is copied into the next of
+        ``overlap_depth + 1`` pinned host buffers (``non_blocking``, a ring) and an event recorded, so
+        further steps can be launched before this one's ids are read; at most ``overlap_depth + 1``
+        handles may be outstanding (collected oldest first; the ring reuses the oldest's buffer). On
         CPU the step runs eagerly and the handle holds the list."""
         self._launch_body(running)
         hi = max(s for s, _ in running) + 1
         if self._host_ids is None:
             return DecodeHandle(hi, ids=self.sampled[:hi].tolist())
-        self._host_turn ^= 1
+        self._host_turn = (self._host_turn + 1) % len(self._host_ids)
         buf, event = self._host_ids[self._host_turn], self._host_events[self._host_turn]
         buf[:hi].copy_(self.sampled[:hi], non_blocking=True)
         event.record()
@@ -536,6 +580,28 @@ class ModelRunner:
         self.kernels_status = f"fallback: {what} failed: {type(err).__name__}: {str(err)[:300]}"
         log.warning("T3 Triton decode kernels disabled, using the torch step (%s)", self.kernels_status, exc_info=err)
 
+    def _fused_pdl_off(self, err: BaseException, what: str) -> None:
+        """First rung of the fallback ladder: keep the Triton step, without programmatic dependent launch."""
+        self.fused.pdl = False
+        self.kernels_status = f"triton (pdl off: {what} failed: {type(err).__name__}: {str(err)[:300]})"
+        log.warning("T3 Triton decode kernels: programmatic dependent launch disabled, retrying without it (%s)",
+                    self.kernels_status, exc_info=err)
+
+    def _capture_without_pdl(self, g: SlotGroup, err: BaseException, what: str) -> BaseException | None:
+        """Capturing the PDL step failed with ``err``: turn PDL off, re-check the Triton step without
+        it (:meth:`warm_up_fused`, which may fall back to torch itself) and capture again. Returns
+        ``None`` when the graphs are captured, else the error to fall back to torch with."""
+        self._fused_pdl_off(err, what)
+        self.warm_up_fused(g)
+        if self.fused is None:  # the non-PDL step failed its check: warm_up_fused fell back already
+            return err
+        try:
+            self.capture_graphs(g)
+            return None
+        except Exception as e2:  # noqa: BLE001
+            g.graphs.clear()
+            return e2
+
     @torch.inference_mode()
     def warm_up_fused(self, g: SlotGroup) -> None:
         """Compile (and check) the Triton kernels for every batch bucket of ``g`` it serves: one step
@@ -543,56 +609,137 @@ class ModelRunner:
         an error, non-finite logits, or logits of the first bucket further than ``FUSED_CHECK_REL``
         (relative L2) from the torch step's (a miscompiled kernel, not rounding: bf16 is ~1e-2). That
         check attends to random keys/values at positions ``0 .. kv_bucket - 2`` of the idle rows (the
-        cache loop, not only the new token); prefill and decode overwrite them before any use."""
-        a, kv_len = g.start, self._kv_buckets()[0]
+        cache loop, not only the new token); prefill and decode overwrite them before any use.
+        With programmatic dependent launch on, a failure first turns it off and checks again; only a
+        failure without it falls back to the torch step."""
+        what = f"running the Triton decode step for slots {g.start}..{g.start + g.size - 1}"
         try:
-            for n in g.batch_sizes:
-                if self.fused_serves(n):
-                    tokens, positions = self.tokens[a:a + n], self.positions[a:a + n]
-                    want = None
-                    if n == g.batch_sizes[0]:
-                        for k, v in zip(g.cache.k, g.cache.v):
-                            k[:n, :, :kv_len - 1].normal_()
-                            v[:n, :, :kv_len - 1].normal_()
-                        positions.fill_(kv_len - 1)
-                        want = decode_step(self.model, g.cache, n, tokens, positions, kv_len)
-                    logits = self.fused.logits(g.cache, n, tokens, positions)
-                    if not bool(torch.isfinite(logits).all()):
-                        raise RuntimeError(f"non-finite logits from the Triton step at batch {n}")
-                    if want is not None:
-                        rel = float((logits - want).norm() / want.norm().clamp_min(1e-12))
-                        if rel > FUSED_CHECK_REL:
-                            raise RuntimeError(f"Triton logits differ from the torch step's at batch {n}: "
-                                               f"relative L2 error {rel:.3g} > {FUSED_CHECK_REL}")
+            self._check_fused_step(g)
         except Exception as e:  # noqa: BLE001
-            self._fused_failed(e, f"running the Triton decode step for slots {g.start}..{g.start + g.size - 1}")
+            if self.fused.pdl_active:
+                self._fused_pdl_off(e, what)
+                self._reset_rows(g)
+                try:
+                    self._check_fused_step(g)
+                except Exception as e2:  # noqa: BLE001
+                    self._fused_failed(e2, what)
+            else:
+                self._fused_failed(e, what)
         finally:
             self._reset_rows(g)
-        if self.fused is not None and self.fused_draw is not None:
+        if self.fused is not None and (self.fused_draw is not None or self.fused_sampler is not None):
             self._check_fused_draw(g)
+
+    def _check_fused_step(self, g: SlotGroup) -> None:
+        """One Triton step per batch bucket of ``g`` it serves (see :meth:`warm_up_fused`); raises on a failure."""
+        a, kv_len = g.start, self._kv_buckets()[0]
+        for n in g.batch_sizes:
+            if self.fused_serves(n):
+                tokens, positions = self.tokens[a:a + n], self.positions[a:a + n]
+                want = None
+                if n == g.batch_sizes[0]:
+                    for k, v in zip(g.cache.k, g.cache.v):
+                        k[:n, :, :kv_len - 1].normal_()
+                        v[:n, :, :kv_len - 1].normal_()
+                    positions.fill_(kv_len - 1)
+                    want = decode_step(self.model, g.cache, n, tokens, positions, kv_len)
+                logits = self.fused.logits(g.cache, n, tokens, positions)
+                if not bool(torch.isfinite(logits).all()):
+                    raise RuntimeError(f"non-finite logits from the Triton step at batch {n}")
+                if want is not None:
+                    rel = float((logits - want).norm() / want.norm().clamp_min(1e-12))
+                    if rel > FUSED_CHECK_REL:
+                        raise RuntimeError(f"Triton logits differ from the torch step's at batch {n}: "
+                                           f"relative L2 error {rel:.3g} > {FUSED_CHECK_REL}")
 
     def _fused_draw_failed(self, err: BaseException) -> None:
         self.fused_draw = None
         log.warning("T3 Triton sampling draw disabled, using the torch draw (%s: %s)", type(err).__name__,
                     str(err)[:300], exc_info=err)
 
+    def _fused_sampler_failed(self, err: BaseException) -> None:
+        self.fused_sampler = self.fused_sampler_step = None
+        log.warning("T3 one-kernel Triton sampler disabled, using the torch processors + softmax + draw (%s: %s)",
+                    type(err).__name__, str(err)[:300], exc_info=err)
+
     @torch.inference_mode()
     def _check_fused_draw(self, g: SlotGroup) -> None:
-        """Compile the Triton draw for every batch bucket of ``g`` it serves and check it against
-        ``sample`` on flat rows (equal probabilities: the draw is then the id of the largest uniform,
-        which does not depend on the log's last bit, so the ids must be equal, hash bits included)."""
+        """Compile the Triton sampling kernels for every batch bucket of ``g`` they serve and check them;
+        a failure turns off only the kernel that failed (a warning).
+
+        ``fused_draw`` against ``sample`` on flat rows (equal probabilities: the draw is then the id of the
+        largest uniform, which does not depend on the log's last bit, so the ids must be equal, hash bits
+        included). ``fused_sampler`` against ``sample(process_logits(...).softmax(-1))`` on fixed random
+        logits with upstream's default settings and some seen ids: equal ids required (the kernel may
+        differ only at top-p ties and threshold rounding and on near-ties of the draw, which these rows,
+        drawn once from a fixed generator, are not expected to hit)."""
         V = self.model.cfg.speech_vocab_size
-        try:
-            for n in g.batch_sizes:
-                if self.fused_serves(n):
-                    seed = torch.arange(n, dtype=torch.long, device=self.device) * 0x9E3779B1 % (1 << 32)
-                    step = torch.arange(n, dtype=torch.long, device=self.device) + 1000
-                    probs = torch.full((n, V), 1.0 / V, device=self.device)
-                    got, want = self.fused_draw(probs, seed, step, self.vhash), sample(probs, seed, step, self.vhash)
-                    if not torch.equal(got, want):
-                        raise RuntimeError(f"Triton draw {got.tolist()} != torch draw {want.tolist()} at batch {n}")
-        except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
-            self._fused_draw_failed(e)
+        if self.fused_draw is not None:
+            try:
+                for n in g.batch_sizes:
+                    if self.fused_serves(n):
+                        seed = torch.arange(n, dtype=torch.long, device=self.device) * 0x9E3779B1 % (1 << 32)
+                        step = torch.arange(n, dtype=torch.long, device=self.device) + 1000
+                        probs = torch.full((n, V), 1.0 / V, device=self.device)
+                        got = self.fused_draw(probs, seed, step, self.vhash)
+                        want = sample(probs, seed, step, self.vhash)
+                        if not torch.equal(got, want):
+                            raise RuntimeError(f"Triton draw {got.tolist()} != torch draw {want.tolist()} at batch {n}")
+            except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
+                self._fused_draw_failed(e)
+        if self.fused_sampler is not None:
+            try:
+                self._check_fused_sampler(g)
+            except Exception as e:  # noqa: BLE001 - never fail the engine for the fast path
+                self._fused_sampler_failed(e)
+
+    def _check_fused_sampler(self, g: SlotGroup) -> None:
+        """``fused_sampler`` against the torch sampler per batch bucket of ``g`` it serves, and (if on)
+        ``fused_sampler_step`` against the torch sampler + :meth:`_decode_body`'s torch bookkeeping (on copies
+        of the state, mixed active rows); raises on a mismatch."""
+        V = self.model.cfg.speech_vocab_size
+        gen = torch.Generator().manual_seed(6)
+        p = row_values(SamplingParams(), V)
+        for n in g.batch_sizes:
+            if self.fused_serves(n):
+                logits = (torch.randn(n, V, generator=gen) * 3).to(self.device)
+                seen = (torch.rand(n, V, generator=gen) < 0.02).to(self.device)
+                rows = [torch.full((n,), p[k], dtype=dt, device=self.device) for k, dt in
+                        (("temperature", torch.float32), ("top_k", torch.long), ("top_p_threshold", torch.float32),
+                         ("top_p_on", torch.bool), ("penalty", torch.float32))]
+                seed = torch.randint(0, 1 << 32, (n,), generator=gen).to(self.device)
+                step = torch.randint(0, 1000, (n,), generator=gen).to(self.device)
+                got = self.fused_sampler(logits, seen, *rows, seed, step, self.vhash)
+                want = sample(process_logits(logits, seen, *rows).softmax(dim=-1), seed, step, self.vhash)
+                if not torch.equal(got, want):
+                    raise RuntimeError(f"Triton sampler {got.tolist()} != torch sampler {want.tolist()} at batch {n}")
+                if self.fused_sampler_step is not None:
+                    self._check_fused_sampler_step(logits, seen, rows, seed, step, want, gen)
+
+    def _check_fused_sampler_step(self, logits: Tensor, seen: Tensor, rows: list[Tensor], seed: Tensor, step: Tensor,
+                                  ids: Tensor, gen: torch.Generator) -> None:
+        """``fused_sampler_step`` on copies of ``seen`` / ``step`` and fresh row state must draw ``ids`` (the
+        torch sampler's) and leave tokens / sampled / seen / positions / step as the torch bookkeeping does."""
+        n, dev = logits.shape[0], self.device
+        positions = torch.randint(0, self.shape.max_seq_len - 1, (n,), generator=gen).to(dev)
+        active = (torch.arange(n) % 2 == 0).long().to(dev)  # row 0 active, row 1 not, ...
+        got = dict(tokens=torch.full((n,), -1, dtype=torch.long, device=dev),
+                   sampled=torch.full((n,), -2, dtype=torch.long, device=dev),
+                   seen=seen.clone(), positions=positions.clone(), step=step.clone())
+        # launched as the decode step launches it (programmatic dependent launch with the step's PDL)
+        self.fused_sampler_step(logits, got["seen"], *rows, seed, got["step"], self.vhash, got["tokens"],
+                                got["sampled"], got["positions"], active, pdl=self.fused.pdl_active)
+        want = dict(tokens=ids, sampled=ids, seen=seen.clone(), positions=positions + active, step=step + 1)
+        want["seen"].index_put_((torch.arange(n, device=dev), ids), self._true)
+        for k, w in want.items():
+            if k == "seen":  # a stored True must be the byte 1 (bool storage)
+                bad = (got[k].view(torch.uint8) != w.view(torch.uint8)).nonzero()
+                if len(bad):
+                    raise RuntimeError(f"Triton sampler step: seen differs from the torch bookkeeping at (row, id) "
+                                       f"{bad[:4].tolist()} at batch {n}")
+            elif not torch.equal(got[k], w):
+                raise RuntimeError(f"Triton sampler step: {k} {got[k].tolist()} != torch bookkeeping {w.tolist()} "
+                                   f"at batch {n}")
 
     def _reset_rows(self, g: SlotGroup) -> None:
         rows = slice(g.start, g.start + g.size)

@@ -9,13 +9,32 @@ The S3Gen streaming session (``vocoder_service.s3gen.streaming.StreamingSession`
     audio = await session.finish()          # the rest; 960 samples per token in total
     session.close()                         # idempotent, frees the slot at once
 
-Scheduling: calls from all sessions go to one queue. A scheduler task takes everything pending (at
-most one call per session, so each session's calls run in the order they were made; at most
-``max_batch`` calls) and runs it on a single worker thread (torch's intra-op threads do the
-parallel work). When the backend offers batched steps (``step_batch(sessions, token_lists) ->
-list[audio]``, ``finish_batch(sessions) -> list[audio]``) the pending pushes, and the pending
-finishes, of several sessions each run as one batch; otherwise they run one after another. A caller that is cancelled while its
-call waits is simply dropped; ``close()`` marks the session closed at once and the backend session is
+Scheduling: calls from all sessions go to one queue. A scheduler task builds a *step* from what is
+pending (at most one call per session, so each session's calls run in the order they were made; at
+most ``max_batch`` push / finish calls; closes always go, they cost nothing) and runs it on a single
+worker thread (torch's intra-op threads do the parallel work). Which calls a step takes (issue 6,
+time to first audio under load):
+
+* ``urgent_slack_s`` = 0: FIFO, the first ``max_batch`` pending calls.
+* ``urgent_slack_s`` > 0 (deadline-aware): each session keeps a playback clock, the moment its
+  client's buffer runs dry if it plays in real time from its first audio (``play_end``: each
+  non-empty result of ``d`` seconds delivered at ``t`` moves it to ``max(play_end, t) + d``, so a
+  client that ran dry counts as re-buffering, not as owing that time forever). A call's *slack* is
+  ``play_end - now`` (seconds of audio the client still has buffered), or, for a session with no
+  audio yet, minus the time its call has waited (its first audio is the time to first audio: the
+  oldest wait is the most urgent). A call is *urgent* when its slack is below ``urgent_slack_s`` or
+  it has waited ``max_defer_s`` or more (age cap). With an urgent call pending, the step takes the
+  urgent calls (aged first, oldest first; then lowest slack first; up to ``max_batch``) plus at most
+  ``urgent_fill`` of the others (lowest slack first), so a new stream's first chunk runs in a short
+  step instead of behind every buffered stream's next chunk; with none urgent it takes up to
+  ``max_batch`` calls, lowest slack first. Nothing waits while the worker idles (a step always runs
+  when calls are pending) and nothing starves: a deferred session's slack drains in real time until
+  it is urgent itself, and ``max_defer_s`` caps any wait.
+
+When the backend offers batched steps (``step_batch(sessions, token_lists) -> list[audio]``,
+``finish_batch(sessions) -> list[audio]``) the pending pushes, and the pending finishes, of several
+sessions each run as one batch; otherwise they run one after another. A caller that is cancelled
+while its call waits is simply dropped; ``close()`` marks the session closed at once and the backend session is
 released on the worker thread after any step it is in.
 
 One engine serves one event loop at a time (the server's); the scheduler task starts on the loop of
@@ -37,6 +56,9 @@ percentiles over the last ``stats_window_s`` seconds):
   ``handoff_ms`` — the part of that gap during which a call of the next step was already queued
   (work waiting while the worker sat idle: event-loop / scheduling overhead).
 * ``resume_ms`` — from a step's end on the worker to the scheduler (event loop) resuming after it.
+* ``urgent_rows`` / ``deferred_rows`` — per step with push / finish calls (deadline-aware only): the
+  urgent calls it took, and the pending calls (first of their session) it left for a later step;
+  ``aged_rows`` (a counter) — calls taken because they reached ``max_defer_s``.
 
 ``busy_s`` = ``step_ms.sum`` / 1000 and ``worker_steps`` = ``step_ms.n``; with two ``stats()`` taken
 Δt apart, Δbusy_s / Δt is the worker's busy fraction and Δpush_rows.sum / Δpush_rows.n the mean
@@ -63,6 +85,10 @@ log = logging.getLogger(__name__)
 SPEECH_VOCAB_SIZE = 6561
 SAMPLES_PER_TOKEN = 960
 SAMPLE_RATE = 24_000
+# deadline-aware steps (VocoderEngine / TTS_VOCODER_URGENT_*; bench/NOTES.md: the CPU simulation)
+URGENT_SLACK_S = 0.5
+URGENT_FILL = 4
+MAX_DEFER_S = 2.0
 
 
 class UnknownVoiceError(LookupError):
@@ -89,7 +115,7 @@ class BackendSession(Protocol):
 
 
 _TIMINGS = ("step_ms", "push_ms", "finish_ms", "open_ms", "push_rows", "finish_rows", "push_tokens",
-            "queue_wait_ms", "idle_ms", "handoff_ms", "resume_ms")
+            "queue_wait_ms", "idle_ms", "handoff_ms", "resume_ms", "urgent_rows", "deferred_rows")
 
 OpenBackend = Callable[[str, "int | None"], BackendSession]
 StepBatch = Callable[[list[BackendSession], list[list[int]]], list[np.ndarray]]
@@ -102,7 +128,8 @@ class _Call:
     op: str  # "push" | "finish" | "close"
     tokens: list[int] = field(default_factory=list)
     future: asyncio.Future | None = None
-    queued: float = 0.0  # perf_counter() when handed to the engine
+    queued: float = 0.0  # perf_counter() when handed to the engine (statistics)
+    since: float = 0.0  # the engine's clock when handed to the engine (scheduling)
 
 
 class VocoderEngine:
@@ -117,6 +144,11 @@ class VocoderEngine:
         max_batch: most calls (sessions) taken into one step.
         hold_pushes: sessions keep pushes below the backend's ``tokens_needed()`` (see BackendSession).
         stats_window_s: the recent window of the percentiles in ``stats()`` (see the module docstring).
+        urgent_slack_s: deadline-aware steps (module docstring): calls whose session has less audio
+            than this buffered (seconds) are urgent; 0 = FIFO steps.
+        urgent_fill: most non-urgent calls a step with urgent calls also takes.
+        max_defer_s: a call that has waited this long is urgent whatever its slack (> 0).
+        clock: monotonic seconds for the playback clocks and waits (tests inject a fake one).
     """
 
     def __init__(
@@ -129,11 +161,23 @@ class VocoderEngine:
         max_batch: int = 64,
         hold_pushes: bool = True,
         stats_window_s: float = 10.0,
+        urgent_slack_s: float = URGENT_SLACK_S,
+        urgent_fill: int = URGENT_FILL,
+        max_defer_s: float = MAX_DEFER_S,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if not voices:
             raise ValueError("a vocoder engine needs at least one voice")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if urgent_slack_s < 0 or urgent_fill < 0 or max_defer_s <= 0:
+            raise ValueError(f"need urgent_slack_s >= 0, urgent_fill >= 0, max_defer_s > 0; got "
+                             f"{urgent_slack_s}, {urgent_fill}, {max_defer_s}")
+        self._urgent_slack = float(urgent_slack_s)
+        self._fill = int(urgent_fill)
+        self._max_defer = float(max_defer_s)
+        self._clock = clock
+        self._aged = 0
         self._open_backend = open_backend
         self._voices = list(voices)
         self._step_batch = step_batch
@@ -182,6 +226,7 @@ class VocoderEngine:
                 "steps": self._steps,
                 "batched_steps": self._batched_steps,
                 "tokens": self._tokens,
+                "aged_rows": self._aged,
                 "t": round(time.time(), 3),
                 "worker_steps": self._timing["step_ms"].n,
                 "busy_s": round(self._timing["step_ms"].sum, 4),
@@ -225,6 +270,7 @@ class VocoderEngine:
         if call.op != "close":
             call.future = loop.create_future()
         call.queued = time.perf_counter()
+        call.since = self._clock()
         self._pending.append(call)
         self._wake.set()
         return call.future
@@ -235,17 +281,7 @@ class VocoderEngine:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch, rest, seen = [], [], set()
-                for call in self._pending:
-                    # one call per session per step keeps each session's calls in order
-                    if id(call.session) in seen or len(batch) >= self._max_batch:
-                        rest.append(call)
-                    elif call.future is not None and call.future.done():
-                        continue  # caller gave up (cancelled) before it ran
-                    else:
-                        seen.add(id(call.session))
-                        batch.append(call)
-                self._pending = rest
+                batch = self._select()
                 if not batch:
                     continue
                 try:
@@ -258,13 +294,64 @@ class VocoderEngine:
                     with self._lock:
                         if self._worker_end is not None:
                             self._timing["resume_ms"].add(max(0.0, resumed - self._worker_end))
+                now = self._clock()
                 for call, result in zip(batch, results):
                     if call.future is None or call.future.done():
                         continue
                     if isinstance(result, BaseException):
                         call.future.set_exception(result)
                     else:
+                        if getattr(result, "size", 0):  # audio the client gets now: its playback clock
+                            call.session._delivered(now, result.size / SAMPLE_RATE)
                         call.future.set_result(result)
+
+    def _select(self) -> list[_Call]:
+        """The next step's calls, taken out of ``_pending`` (the rest stay, in order); see the
+        module docstring. Drops calls whose caller gave up (cancelled) before they ran."""
+        heads, closes, seen = [], [], set()
+        for call in self._pending:
+            if id(call.session) in seen:  # one call per session per step keeps each session's calls in order
+                continue
+            if call.future is not None and call.future.done():
+                continue  # caller gave up (cancelled) before it ran
+            seen.add(id(call.session))
+            (closes if call.op == "close" else heads).append(call)
+        if self._urgent_slack <= 0:  # FIFO
+            take = heads[:self._max_batch]
+            self._keep_pending(closes + take)
+            return closes + take
+        now = self._clock()
+        keyed = []
+        aged = 0
+        for call in heads:
+            waited = now - call.since
+            slack = call.session._slack(now, waited)
+            if waited >= self._max_defer:
+                keyed.append(((0, call.since), True, call))
+                aged += 1
+            else:
+                keyed.append(((1, slack, call.since), slack < self._urgent_slack, call))
+        keyed.sort(key=lambda k: k[0])
+        urgent = [c for _, u, c in keyed if u]
+        others = [c for _, u, c in keyed if not u]
+        if urgent:
+            take = urgent[:self._max_batch]
+            take += others[:min(self._fill, self._max_batch - len(take))]
+        else:
+            take = others[:self._max_batch]
+        self._keep_pending(closes + take)
+        if take:
+            with self._lock:
+                self._aged += min(aged, len(take))
+                self._timing["urgent_rows"].add(min(len(urgent), self._max_batch))
+                self._timing["deferred_rows"].add(len(heads) - len(take))
+        return closes + take
+
+    def _keep_pending(self, taken: list[_Call]) -> None:
+        """``_pending`` without the ``taken`` calls and those whose caller gave up, in submit order."""
+        ids = {id(c) for c in taken}
+        self._pending = [c for c in self._pending
+                         if id(c) not in ids and not (c.future is not None and c.future.done())]
 
     def _run_step(self, batch: list[_Call]) -> list[Any]:
         """Worker thread: run one call per session; pushes (and finishes) batched when the backend can."""
@@ -392,6 +479,22 @@ class VocoderSession:
         self._order = asyncio.Lock()
         self._held: list[int] = []  # tokens kept back: fewer than the backend needs for audio
         self._need = 0  # the backend's tokens_needed() after its last call (0: unknown, push all)
+        # playback clock (engine clock): when the client's buffer runs dry if it plays from its first audio
+        self._play_end: float | None = None
+        self.first_audio_at: float | None = None  # engine clock when the first audio was returned
+        self.audio_s = 0.0  # seconds of audio returned so far
+
+    def _delivered(self, now: float, seconds: float) -> None:
+        """``seconds`` of audio returned at ``now``: the client's buffer grows (after re-buffering
+        if it had run dry)."""
+        if self.first_audio_at is None:
+            self.first_audio_at = now
+        self._play_end = max(self._play_end if self._play_end is not None else now, now) + seconds
+        self.audio_s += seconds
+
+    def _slack(self, now: float, waited: float) -> float:
+        """Seconds of audio the client still has buffered; before any audio, minus ``waited``."""
+        return -waited if self._play_end is None else self._play_end - now
 
     @property
     def closed(self) -> bool:

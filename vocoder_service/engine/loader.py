@@ -22,7 +22,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True, max_batch: int = 64,
-                 hold_pushes: bool = True) -> VocoderEngine:
+                 hold_pushes: bool = True, **scheduling) -> VocoderEngine:
     """A VocoderEngine over ``StreamingSession``s of ``model`` (an S3GenModel) for ``voices`` (name -> VoiceCond).
 
     The voice named ``default`` (the model folder's conds.pt) comes first. A session without a seed
@@ -38,7 +38,16 @@ def s3gen_engine(model, voices: dict, stream_config=None, batched: bool = True, 
 
     return VocoderEngine(open_backend, names, step_batch=step_batch_s3gen() if batched else None,
                          finish_batch=finish_batch_s3gen() if batched else None, max_batch=max_batch,
-                         hold_pushes=hold_pushes)
+                         hold_pushes=hold_pushes, **scheduling)
+
+
+def engine_scheduling(cfg) -> dict:
+    """The ``VocoderEngine`` step-selection arguments of a VocoderServiceConfig (deadline-aware steps)."""
+    from vocoder_service.engine.engine import MAX_DEFER_S, URGENT_FILL, URGENT_SLACK_S
+
+    return {"urgent_slack_s": float(getattr(cfg, "vocoder_urgent_slack_s", URGENT_SLACK_S)),
+            "urgent_fill": int(getattr(cfg, "vocoder_urgent_fill", URGENT_FILL)),
+            "max_defer_s": float(getattr(cfg, "vocoder_max_defer_ms", MAX_DEFER_S * 1000)) / 1000}
 
 
 def step_batch_s3gen():
@@ -135,7 +144,7 @@ def load_engine(cfg) -> VocoderEngine:
                                  noise_on_host=bool(getattr(cfg, "noise_on_host", False)),
                                  chunk_tokens=int(getattr(cfg, "chunk_tokens", 25)))
     engine = s3gen_engine(model, voices, stream_config=stream_config, max_batch=int(getattr(cfg, "max_batch", 64)),
-                          hold_pushes=bool(getattr(cfg, "hold_pushes", True)))
+                          hold_pushes=bool(getattr(cfg, "hold_pushes", True)), **engine_scheduling(cfg))
     if graphs:  # capture the chunk shapes of the default voice now, not on the first streams
         from vocoder_service.s3gen.accel import warm_up_streaming
 

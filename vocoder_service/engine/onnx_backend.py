@@ -62,10 +62,10 @@ def load_onnx_model(engine_dir: str | Path, model_dir: str | Path, device: str =
 
 def load_onnx_engine(cfg):
     """``VocoderServiceConfig`` with ``engine=onnxruntime`` → ``VocoderEngine``."""
-    from vocoder_service.engine.loader import s3gen_engine
+    from vocoder_service.engine.loader import engine_scheduling, s3gen_engine
 
     model = load_onnx_model(cfg.engine_dir, cfg.model_dir, getattr(cfg, "device", "auto"))
-    engine = s3gen_engine(model, load_graph_voices(cfg.model_dir, cfg.voices_dir))
+    engine = s3gen_engine(model, load_graph_voices(cfg.model_dir, cfg.voices_dir), **engine_scheduling(cfg))
     log.info("vocoder engine ready", extra={"engine": "onnxruntime", "providers": model.mel2wav.run.providers,
                                             "voices": engine.voices()})
     return engine

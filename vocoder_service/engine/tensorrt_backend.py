@@ -135,13 +135,13 @@ def load_tensorrt_model(engine_dir: str | Path, model_dir: str | Path, device: s
 
 def load_tensorrt_engine(cfg, trt=None):
     """``VocoderServiceConfig`` with ``engine=tensorrt`` → ``VocoderEngine`` (needs CUDA + tensorrt)."""
-    from vocoder_service.engine.loader import s3gen_engine
+    from vocoder_service.engine.loader import engine_scheduling, s3gen_engine
 
     device = cfg.device if getattr(cfg, "device", "auto") not in ("auto", None) else "cuda"
     if trt is None and not torch.cuda.is_available():
         raise RuntimeError("engine=tensorrt needs a CUDA GPU; use --engine onnxruntime or pytorch on this machine")
     model = load_tensorrt_model(cfg.engine_dir, cfg.model_dir, device, trt)
-    engine = s3gen_engine(model, load_graph_voices(cfg.model_dir, cfg.voices_dir))
+    engine = s3gen_engine(model, load_graph_voices(cfg.model_dir, cfg.voices_dir), **engine_scheduling(cfg))
     log.info("vocoder engine ready", extra={"engine": "tensorrt", "device": str(device), "voices": engine.voices()})
     return engine
 

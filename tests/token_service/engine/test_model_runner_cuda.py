@@ -19,7 +19,7 @@ def test_graph_replay_equals_eager(demo_tiny_dir, kernels, n_graphs):
     graphs = cuda_engine(demo_tiny_dir, dtype="float32", cuda_graphs=True, kernels=kernels)
     eager = cuda_engine(demo_tiny_dir, dtype="float32", cuda_graphs=False, kernels=kernels)
     try:
-        assert graphs.kernels_status == kernels
+        assert graphs.kernels_status in (kernels, kernels + "+pdl")  # triton+pdl: sm_90+ (t3.triton_decode)
         assert len(graphs.runner.graphs) == n_graphs
         assert not eager.runner.graphs
         assert run_all(graphs, requests) == run_all(eager, requests)
@@ -57,17 +57,19 @@ def test_compiled_step_in_graphs_equals_eager(demo_tiny_dir):
         eager.close()
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_overlapped_steps_decode_what_serial_steps_decode(demo_tiny_dir, kernels):
-    """``overlap_steps``: step N+1 is queued (graph replay, ids copied to a pinned buffer) before step
-    N's ids are read; the fp32 tokens equal the serial engine's, streams leave early (small budgets)
-    and new ones take their slots while a step is in flight."""
+def test_overlapped_steps_decode_what_serial_steps_decode(demo_tiny_dir, kernels, depth):
+    """``overlap_steps``: steps N+1 .. N+depth are queued (graph replay, ids copied to a ring of
+    depth + 1 pinned buffers) before step N's ids are read; the fp32 tokens equal the serial engine's,
+    streams leave early (small budgets) and new ones take their slots while steps are in flight."""
     requests = [([1 + i, 50 + i, 7] * (1 + i % 2), SamplingParams(seed=i, max_new_tokens=3 + 7 * i,
                  top_k=1 if i % 3 == 0 else 1000)) for i in range(12)]
     serial = cuda_engine(demo_tiny_dir, dtype="float32", kernels=kernels)
-    overlap = cuda_engine(demo_tiny_dir, dtype="float32", kernels=kernels, overlap_steps=True)
+    overlap = cuda_engine(demo_tiny_dir, dtype="float32", kernels=kernels, overlap_steps=True, overlap_depth=depth)
     try:
-        assert overlap.kernels_status == kernels and overlap.runner.graphs
+        assert overlap.kernels_status in (kernels, kernels + "+pdl") and overlap.runner.graphs
+        assert len(overlap.runner._host_ids) == len(overlap.runner._host_events) == depth + 1
         assert run_all(overlap, requests) == run_all(serial, requests)
         a, b = overlap.stats(), serial.stats()
         assert (a["tokens"], a["finished"], a["free_slots"]) == (b["tokens"], b["finished"], 8)
