@@ -491,11 +491,19 @@ class ModelRunner:
                                 self.step[a:b], self.vhash, self.shape.topk_width)
             else:
                 tok = self._sample(logits, slice(a, b), False)
-        self.tokens[a:b] = tok
-        self.sampled[a:b] = tok
-        self.seen.index_put_((self.rows[a:b], tok), self._true)
-        self.positions[a:b] += self.active[a:b]
-        self.step[a:b] += 1
+        self._advance(tok, self.tokens[a:b], self.sampled[a:b], self.seen[a:b], self.positions[a:b],
+                      self.active[a:b], self.step[a:b])
+
+    def _advance(self, tok: Tensor, tokens: Tensor, sampled: Tensor, seen: Tensor, positions: Tensor,
+                 active: Tensor, step: Tensor) -> None:
+        """The step's torch bookkeeping, in place, for rows sampled ``tok (n,)``: each row's next input
+        and read-back id, its ``seen`` mark, its position (active rows only) and its step. (The one-kernel
+        sampler's step variant does the same in its kernel; its start-up check compares against this.)"""
+        tokens.copy_(tok)
+        sampled.copy_(tok)
+        seen.index_put_((self.rows[:tok.shape[0]], tok), self._true)
+        positions += active
+        step += 1
 
     @torch.inference_mode()
     def decode(self, running: list[tuple[int, int]]) -> list[int]:
@@ -729,8 +737,9 @@ class ModelRunner:
         # launched as the decode step launches it (programmatic dependent launch with the step's PDL)
         self.fused_sampler_step(logits, got["seen"], *rows, seed, got["step"], self.vhash, got["tokens"],
                                 got["sampled"], got["positions"], active, pdl=self.fused.pdl_active)
-        want = dict(tokens=ids, sampled=ids, seen=seen.clone(), positions=positions + active, step=step + 1)
-        want["seen"].index_put_((torch.arange(n, device=dev), ids), self._true)
+        want = dict(tokens=torch.empty_like(ids), sampled=torch.empty_like(ids), seen=seen.clone(),
+                    positions=positions.clone(), step=step.clone())
+        self._advance(ids, want["tokens"], want["sampled"], want["seen"], want["positions"], active, want["step"])
         for k, w in want.items():
             if k == "seen":  # a stored True must be the byte 1 (bool storage)
                 bad = (got[k].view(torch.uint8) != w.view(torch.uint8)).nonzero()
