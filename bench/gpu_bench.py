@@ -19,7 +19,8 @@ Sections
   accuracy   greedy agreement ours-bf16 / ours-fp32 vs upstream-fp32; logits error bf16 vs fp32;
              with --t3-kernels triton|both also the Triton bf16 engine vs upstream-fp32, ours-fp32, ours-bf16
   s3gen      our S3Gen: offline per utterance, streaming first-chunk latency, half-precision error
-  services   both gRPC services as processes: time to first audio, concurrency sweep, memory;
+  services   both gRPC services as processes (--colocate on|both: also as ONE process, ``services_colocated``):
+             time to first audio, concurrency sweep, memory;
              with --stats-log-s (default 1) each level also has both engines' statistics
              (``engine_stats``: vocoder rows per step, steps/s, worker busy, queue waits; T3 steps, tokens/s)
   vocoder_only  (with --vocoder-only-sweep LEVELS) only the vocoder service, driven by synthetic token
@@ -886,7 +887,8 @@ def report(out: Path) -> str:
         for n, v in sweep.items():
             lines.append(f"| {n} | {v['aggregate_tokens_per_s']:.0f} | {v['realtime_streams_equiv']:.0f} | "
                          f"{v['ttft_p50_ms']:.0f} / {v['ttft_p99_ms']:.0f} |")
-    for key, title in (("services", "Services"), ("services_mps", "Services under MPS")):
+    for key, title in (("services", "Services"), ("services_mps", "Services under MPS"),
+                       ("services_colocated", "Services co-located (one process)")):
         svc = RESULTS.get(key, {})
         if svc.get("skipped"):
             lines += ["", f"{title}: skipped ({svc['skipped']})"]
@@ -997,6 +999,10 @@ def main() -> None:
     ap.add_argument("--vocoder-env", action="append", default=[], metavar="NAME=VALUE",
                     help="services: extra environment for the vocoder process only (repeatable), e.g. "
                          "CUDA_MPS_CLIENT_PRIORITY=1 (MPS: its kernels below the token service's)")
+    ap.add_argument("--colocate", choices=("off", "on", "both"), default="off",
+                    help="services: both services in ONE process (python -m token_service serve-colocated, one CUDA "
+                         "context; results['services_colocated'], its GPU memory is the one process's); both = the "
+                         "two-process run and then the co-located one")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="tiny preset on CPU, upstream skipped: checks the script itself, times nothing real")
     args = ap.parse_args()
@@ -1040,20 +1046,31 @@ def main() -> None:
         report(out)  # perf.json / PERF.md so far, in case a later section runs past the call's limit
     if "services" in want:
         modes = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.mps] if DEVICE == "cuda" else ["off"]
-        for mode in modes:
-            services_run(model_dir, sweep, out, args, mps=mode == "on")
+        if args.colocate != "on":
+            for mode in modes:
+                services_run(model_dir, sweep, out, args, mps=mode == "on")
+        if args.colocate != "off":
+            services_run(model_dir, sweep, out, args, mps=False, colocate=True)
     print(report(out))
 
 
-def services_run(model_dir: Path, sweep: list[int], out: Path, args: argparse.Namespace, mps: bool) -> None:
-    """The services section, as clients of an MPS daemon (``results["services_mps"]``) or not (``services``)."""
+def services_run(model_dir: Path, sweep: list[int], out: Path, args: argparse.Namespace, mps: bool,
+                 colocate: bool = False) -> None:
+    """The services section, as clients of an MPS daemon (``results["services_mps"]``), both in one
+    process (``services_colocated``; no MPS, no vocoder-only environment) or plain (``services``)."""
     from bench.service_load import services_section
 
-    key = "services_mps" if mps else "services"
+    key = "services_colocated" if colocate else "services_mps" if mps else "services"
     kw = dict(level_time_s=args.level_time_s, log_dir=out / f"{key.replace('_', '-')}-logs",
               vocoder_flags=args.vocoder_flags.split() if DEVICE == "cuda" else [],
               token_flags=args.token_flags.split(), stats_log_s=args.stats_log_s, key=key,
               vocoder_env=dict(kv.split("=", 1) for kv in args.vocoder_env))
+    if colocate:
+        if kw.pop("vocoder_env"):
+            print("services_colocated: --vocoder-env ignored (one process for both services)", flush=True)
+        section(key)(services_section)(model_dir, sweep, RESULTS, colocate=True, **kw)
+        report(out)
+        return
     if not mps:
         section(key)(services_section)(model_dir, sweep, RESULTS, **kw)
         return

@@ -12,6 +12,11 @@ the services benchmark reports per service) next to torch's ``memory_reserved`` 
 5. ``torch.stft`` / ``istft`` (cuFFT plans, as HiFT uses);
 6. a CUDA graph capture + replay of the matmul.
 
+``--stack-bytes N`` sets the context's per-thread stack limit (``cuCtxSetLimit(CU_LIMIT_STACK_SIZE)``,
+driver API via ctypes) right after stage 1 and reports a stage ``stack_limit`` with the limits read
+back: the driver reserves local memory for the stack of every thread the GPU can hold at once
+(SMs x threads per SM x stack bytes), so the default 1 KB is ~270 MB on an H100.
+
 The differences show how much of a service's ``nvidia-smi`` figure is outside the caching allocator
 (issue 6: the ≤ 3 GB target at concurrency 1). One JSON line per stage.
 """
@@ -40,9 +45,29 @@ def smi_mb() -> float | None:
     return None
 
 
+CU_LIMITS = {"stack": 0x00, "printf_fifo": 0x01, "malloc_heap": 0x02}
+
+
+def cu_limits(set_stack: int | None = None) -> dict:
+    """The current context's limits (bytes), after setting the stack limit to ``set_stack`` if given."""
+    import ctypes
+
+    cu = ctypes.CDLL("libcuda.so.1")
+    if set_stack is not None:
+        rc = cu.cuCtxSetLimit(ctypes.c_int(CU_LIMITS["stack"]), ctypes.c_size_t(set_stack))
+        if rc != 0:
+            raise RuntimeError(f"cuCtxSetLimit(stack, {set_stack}) failed: CUresult {rc}")
+    out = {}
+    for name, code in CU_LIMITS.items():
+        v = ctypes.c_size_t()
+        out[name] = v.value if cu.cuCtxGetLimit(ctypes.byref(v), ctypes.c_int(code)) == 0 else None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--stack-bytes", type=int, default=None, help="set the per-thread stack limit after the context")
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -59,6 +84,12 @@ def main() -> None:
     torch.cuda.init()
     x = torch.zeros(1, device=dev)
     stage("context")
+    if args.stack_bytes is not None:
+        print(json.dumps({"limits_before": cu_limits()}), flush=True)
+        limits = cu_limits(args.stack_bytes)
+        stage("stack_limit")
+        rows[-1]["limits"] = limits
+        print(json.dumps({"limits_after": limits}), flush=True)
     a = torch.randn(1024, 1024, device=dev, dtype=torch.bfloat16)
     (a @ a).sum().item()
     a32 = a.float()

@@ -52,6 +52,7 @@ import ipaddress
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -421,7 +422,10 @@ def free_port() -> int:
 class ServiceProcesses:
     """Both services as subprocesses on loopback (free ports). Use as a context manager.
 
-    ``token_flags`` / ``vocoder_flags`` are extra command-line flags (e.g. ``["--kv-slots", "8"]``)."""
+    ``token_flags`` / ``vocoder_flags`` are extra command-line flags (e.g. ``["--kv-slots", "8"]``).
+    ``colocate``: one process serves both (``python -m token_service serve-colocated``; the vocoder's
+    flags go in its ``--vocoder-flags``, its port is chosen in-process); ``pids`` is then
+    ``{"colocated": pid}`` and the log ``colocated.log``."""
 
     model_dir: Path
     device: str = "cpu"
@@ -434,16 +438,22 @@ class ServiceProcesses:
     drain_seconds: float = 5.0
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     vocoder_env: dict[str, str] = dataclasses.field(default_factory=dict)  # the vocoder's only (after ``env``)
+    colocate: bool = False
 
     def __post_init__(self):
+        if self.colocate and self.vocoder_env:
+            raise ValueError(f"vocoder_env {sorted(self.vocoder_env)} cannot apply to the vocoder alone when both "
+                             "services share one process (colocate)")
         self.vocoder_port, self.token_port = free_port(), free_port()
         self.vocoder_target = f"127.0.0.1:{self.vocoder_port}"
         self.token_target = f"127.0.0.1:{self.token_port}"
         self.vocoder: subprocess.Popen | None = None
         self.token: subprocess.Popen | None = None
+        self.colocated: subprocess.Popen | None = None
         self._logs: list = []
 
-    def _start(self, module: str, flags: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _start(self, module: str, flags: list[str], name: str, env: dict[str, str] | None = None,
+               command: str = "serve") -> subprocess.Popen:
         env = {**os.environ, "TTS_LOG_FORMAT": "json", **self.env, **(env or {})}
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         if self.log_dir is not None:
@@ -452,7 +462,7 @@ class ServiceProcesses:
             self._logs.append(out)
         else:
             out = subprocess.DEVNULL
-        cmd = [sys.executable, "-m", module, "serve", "--model-dir", str(self.model_dir), "--device", self.device,
+        cmd = [sys.executable, "-m", module, command, "--model-dir", str(self.model_dir), "--device", self.device,
                "--engine", self.engine, "--max-streams", str(self.max_streams),
                "--drain-seconds", str(self.drain_seconds), *flags]
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -462,6 +472,15 @@ class ServiceProcesses:
                                    "vocoder-service", self.vocoder_env)
 
     def start(self) -> ServiceProcesses:
+        if self.colocate:
+            vocoder = ["--engine", self.engine, "--max-streams", str(self.max_streams), *self.vocoder_flags]
+            # "--vocoder-flags=...": one argv item, so argparse never takes a lone "--flag" value for an option
+            self.colocated = self._start("token_service", ["--listen", self.token_target, *self.token_flags,
+                                                           f"--vocoder-flags={shlex.join(vocoder)}"],
+                                         "colocated", command="serve-colocated")
+            wait_healthy(self.token_target, self.colocated, self.ready_timeout_s, "co-located services",
+                         self.log_dir / "colocated.log" if self.log_dir else None)
+            return self
         self.start_vocoder()
         self.token = self._start("token_service", ["--listen", self.token_target, "--vocoder-target", self.vocoder_target,
                                                    *self.token_flags], "token-service")
@@ -474,12 +493,13 @@ class ServiceProcesses:
 
     @property
     def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in (("token_service", self.token), ("vocoder_service", self.vocoder))
+        return {name: p.pid for name, p in (("token_service", self.token), ("vocoder_service", self.vocoder),
+                                            ("colocated", self.colocated))
                 if p is not None and p.poll() is None}
 
     def stop(self, timeout_s: float = 30.0) -> dict[str, int | None]:
         """SIGTERM both (token service first), wait, SIGKILL what is left; returns the exit codes."""
-        procs = [("token_service", self.token), ("vocoder_service", self.vocoder)]
+        procs = [("token_service", self.token), ("vocoder_service", self.vocoder), ("colocated", self.colocated)]
         for _, p in procs:
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -646,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=0, help="cap on speech tokens per sentence (0: server's)")
     ap.add_argument("--max-streams", type=int, default=0, help="with --spawn: --max-streams (0: the largest level)")
     ap.add_argument("--token-flags", default="", help="with --spawn: extra token service flags (space-separated)")
+    ap.add_argument("--colocate", action="store_true", help="with --spawn: both services in one process "
+                                                             "(python -m token_service serve-colocated)")
     args = ap.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",") if x]
@@ -657,7 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop spawned services
     if args.spawn:
         procs = ServiceProcesses(Path(args.spawn), device=args.device, max_streams=args.max_streams or max(levels),
-                                 token_flags=args.token_flags.split(), log_dir=Path(args.log_dir) if args.log_dir else None)
+                                 token_flags=args.token_flags.split(), log_dir=Path(args.log_dir) if args.log_dir else None,
+                                 colocate=args.colocate)
         procs.start()
         target, pids = procs.token_target, procs.pids
     else:
@@ -676,14 +699,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def split_log(path: Path, by_logger: dict[str, Path]) -> None:
+    """Write the JSON lines of ``path`` whose ``logger`` starts with a key of ``by_logger`` to that key's file
+    (a co-located process logs both services into one file; bench/engine_stats.py reads one per service)."""
+    outs = {prefix: open(dest, "w") for prefix, dest in by_logger.items()}
+    try:
+        with path.open(errors="replace") as lines:
+            for line in lines:
+                try:
+                    logger = json.loads(line).get("logger", "")
+                except (ValueError, AttributeError):
+                    continue
+                for prefix, out in outs.items():
+                    if logger.startswith(prefix):
+                        out.write(line)
+    finally:
+        for out in outs.values():
+            out.close()
+
+
 # ---------------------------------------------------------------------------------- GPU bench entry
 def services_section(model_dir: Path, sweep: list[int], results: dict, *, device: str | None = None,
                      max_new_tokens: int | None = None, c1_requests: int = 20, level_time_s: float | None = None,
                      log_dir: Path | None = None, ready_timeout_s: float = 900.0,
                      vocoder_flags: list[str] | None = None, token_flags: list[str] | None = None,
                      stats_log_s: float = 0.0, env: dict[str, str] | None = None, key: str = "services",
-                     vocoder_env: dict[str, str] | None = None) -> None:
+                     vocoder_env: dict[str, str] | None = None, colocate: bool = False) -> None:
     """Both services as processes on ``device`` (default: cuda if available, else cpu), then measure.
+
+    ``colocate``: both services in ONE process (``python -m token_service serve-colocated``, one CUDA
+    context; docs/ARCHITECTURE.md "Co-located mode"); ``gpu_mem_MB*`` / ``rss_MB`` then have one entry,
+    ``colocated``, and its ``total`` is that process's memory (both services together).
 
     ``env``: extra environment for both service processes (e.g. an MPS client's, bench/mps.py);
     ``vocoder_env``: for the vocoder only (e.g. ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``).
@@ -732,6 +778,7 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     out["config"]["vocoder_env"] = dict(vocoder_env or {})
     out["config"]["vocoder_flags"] = list(vocoder_flags or [])
     out["config"]["token_flags"] = extra_token_flags
+    out["config"]["colocate"] = colocate
     tmp_logs = None
     if stats_log_s > 0 and log_dir is None:  # the stats are read back from the logs
         import tempfile
@@ -743,7 +790,7 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
     procs = ServiceProcesses(Path(model_dir), device=device, max_streams=top, token_flags=token_flags,
                              vocoder_flags=list(vocoder_flags or []), log_dir=log_dir, ready_timeout_s=ready_timeout_s,
                              env={**(env or {}), **({"TTS_STATS_LOG_S": str(stats_log_s)} if stats_log_s > 0 else {})},
-                             vocoder_env=dict(vocoder_env or {}))
+                             vocoder_env=dict(vocoder_env or {}), colocate=colocate)
     t0 = time.perf_counter()
     with GpuMemSampler() as gpu, procs:
         out["startup_s"] = round(time.perf_counter() - t0, 1)
@@ -752,7 +799,8 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
 
         def by_service(mem: dict[int, float]) -> dict[str, float | None]:
             if not mem:
-                return {"token_service": None, "vocoder_service": None, "total": None}
+                return {**({"colocated": None} if colocate else {"token_service": None, "vocoder_service": None}),
+                        "total": None}
             got = {names[p]: mb for p, mb in mem.items() if p in names}
             if not got:  # pids from another pid namespace (containers): report what nvidia-smi saw
                 return {"unmatched_pids": {str(p): mb for p, mb in mem.items()}, "total": sum(mem.values())}
@@ -788,6 +836,9 @@ def services_section(model_dir: Path, sweep: list[int], results: dict, *, device
         from bench.engine_stats import attach
 
         logs = {"token_service": log_dir / "token-service.log", "vocoder_service": log_dir / "vocoder-service.log"}
+        if colocate:  # one log for both: each service's stats lines by their logger
+            split_log(log_dir / "colocated.log", {"token_service.": logs["token_service"],
+                                                  "vocoder_service.": logs["vocoder_service"]})
         attach({"c1": out["c1"], **out["sweep"]}, logs, slack_s=stats_log_s + SETTLE_MARGIN_S / 2)
         if tmp_logs is not None:
             tmp_logs.cleanup()

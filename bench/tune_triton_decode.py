@@ -63,7 +63,7 @@ PDL_VARIANTS: list[dict[str, int | str]] = [
     {"PDL": 1, "PDL_TRIGGER": "end", "GEMV_PREFETCH": 1, "TILE_ELEMS": 4096},
 ]
 TUNABLES = ("TILE_ELEMS", "GEMV_WARPS", "MIN_PROGRAMS", "MAX_BLOCK_N", "KV_SPLITS", "MERGE_MIN_PROGRAMS", "BLOCK_L",
-            "ATTN_WARPS", "PDL", "PDL_TRIGGER", "GEMV_PREFETCH", "FUSE_EMBED")
+            "ATTN_WARPS", "ATTN_BALANCED", "ATTN_SMALL_BLOCK", "PDL", "PDL_TRIGGER", "GEMV_PREFETCH", "FUSE_EMBED")
 # --step-variants: module switches of the engine's step, by module (applied before building the runner)
 STEP_SWITCHES = {"FUSE_EMBED": "token_service.t3.triton_decode", "SAMPLER_PDL": "token_service.t3.triton_sampling"}
 

@@ -52,8 +52,9 @@ def _generate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {"generate": (_generate_args, _generate)}
 
 
-# Subcommands whose module parses its own flags: ``serve`` -> ``token_service.server.main(argv)``.
-PASSTHROUGH: dict[str, str] = {"serve": "token_service.server"}
+# Subcommands whose module parses its own flags: ``serve`` -> ``token_service.server.main(argv)``;
+# ``serve-colocated``: token + vocoder service in one process (token_service/colocated.py).
+PASSTHROUGH: dict[str, str] = {"serve": "token_service.server", "serve-colocated": "token_service.colocated"}
 
 
 def main(argv: list[str] | None = None) -> int:

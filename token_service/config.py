@@ -52,6 +52,12 @@ class TokenServiceConfig:
                                      "come in groups of this size, then doubling, as load needs them. Each group is one "
                                      "more decode launch per step (its weights read again): 0 = all kv-slots as one "
                                      "group at start-up (highest throughput at many streams, most memory)")
+    cuda_stack_bytes: int = setting(0, "CUDA per-thread stack limit in bytes set at start-up (the driver reserves it for every thread the GPU "
+                                      "can hold: 1024, the driver default, is ~270 MB of an H100; 256 saves ~200 MB per process); "
+                                      "0 = leave the driver default")
+    prefill_rows: int = setting(4, "pytorch engine (CUDA): requests prefilled together in one staged run; the staging "
+                                   "rows hold voice prefix + text (~62 MB each for Turbo): 1 = least memory, more = "
+                                   "higher arrival throughput")
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from a caller, in bytes (larger ones get RESOURCE_EXHAUSTED)")
 
     def validate(self) -> None:
@@ -62,5 +68,5 @@ class TokenServiceConfig:
         if self.engine == "trtllm" and not self.engine_dir:
             raise ConfigError("engine=trtllm needs --engine-dir / TTS_ENGINE_DIR")
         check_positive(self, "max_streams", "max_text_chars", "max_new_tokens", "max_message_bytes", "vocoder_min_tokens")
-        check_positive(self, "drain_seconds", "stats_log_s", "kv_slots", "vocoder_max_wait_ms", "kv_first_group", allow_zero=True)
-        check_positive(self, "max_seq_len", "t3_overlap_depth")
+        check_positive(self, "drain_seconds", "stats_log_s", "kv_slots", "vocoder_max_wait_ms", "kv_first_group", "cuda_stack_bytes", allow_zero=True)
+        check_positive(self, "max_seq_len", "t3_overlap_depth", "prefill_rows")

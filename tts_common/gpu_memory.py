@@ -19,3 +19,40 @@ def gpu_memory_mb() -> dict[str, float]:
     return {"allocated_MB": round(torch.cuda.memory_allocated() / mb, 1),
             "reserved_MB": round(torch.cuda.memory_reserved() / mb, 1),
             "peak_reserved_MB": round(torch.cuda.max_memory_reserved() / mb, 1)}
+
+
+CU_LIMIT_STACK_SIZE = 0x00  # CUlimit: per-thread stack bytes (driver API)
+
+
+def limit_cuda_stack(nbytes: int, device: str = "auto") -> int | None:
+    """Set the CUDA context's per-thread stack limit to ``nbytes`` on ``device`` (``auto``, ``cuda``,
+    ``cuda:N``; anything else, ``nbytes <= 0`` or no CUDA: nothing, returns ``None``); returns the
+    limit read back.
+
+    The driver reserves stack memory for every thread the GPU can hold at once (SMs x threads per SM
+    x the limit): with the default 1 KB that is ~270 MB of an H100's memory per process, outside
+    torch's allocator. Measured (bench/memory_breakdown.py --stack-bytes, bench/NOTES.md run 57): a
+    bare context 612 MB -> 414 MB at 256 bytes. Kernels whose own frames need more still run (the
+    driver grows the reservation for them), so this only trims the default. Initialises CUDA on
+    ``device`` (its primary context) and calls ``cuCtxSetLimit`` through ``libcuda`` with ctypes.
+    """
+    if nbytes <= 0:
+        return None
+    import ctypes
+
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    with torch.cuda.device(dev):
+        torch.zeros(1, device=dev)  # the primary context exists and is current on this thread
+        cu = ctypes.CDLL("libcuda.so.1")
+        rc = cu.cuCtxSetLimit(ctypes.c_int(CU_LIMIT_STACK_SIZE), ctypes.c_size_t(nbytes))
+        if rc != 0:
+            raise RuntimeError(f"cuCtxSetLimit(CU_LIMIT_STACK_SIZE, {nbytes}) failed with CUresult {rc}")
+        got = ctypes.c_size_t()
+        cu.cuCtxGetLimit(ctypes.byref(got), ctypes.c_int(CU_LIMIT_STACK_SIZE))
+    return int(got.value)

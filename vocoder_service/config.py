@@ -41,6 +41,9 @@ class VocoderServiceConfig:
                                            "stream phases share one flow batch; false: only equal shapes batch")
     chunk_tokens: int = setting(25, "tokens per streaming step once the first chunks have grown (4, 8, 16, then this): "
                                      "larger steps carry more audio per flow window (higher throughput, coarser pacing)")
+    cuda_stack_bytes: int = setting(0, "CUDA per-thread stack limit in bytes set at start-up (the driver reserves it for every thread the GPU "
+                                      "can hold: 1024, the driver default, is ~270 MB of an H100; 256 saves ~200 MB per process); "
+                                      "0 = leave the driver default")
     graph_batch: int = setting(32, "largest batch captured as one CUDA graph (1, 2, 4, 8, 16, 32 or 64); larger "
                                    "batches replay it in slices. Sets the graph memory pool (cuda_graphs only)")
     drain_seconds: float = setting(20.0, "on SIGTERM: seconds in-flight streams may take to finish")
@@ -58,6 +61,7 @@ class VocoderServiceConfig:
         if self.engine in ("onnxruntime", "tensorrt") and not self.engine_dir:
             raise ConfigError(f"engine={self.engine} needs --engine-dir / TTS_ENGINE_DIR")
         check_positive(self, "max_streams", "max_batch", "max_message_bytes", "chunk_tokens")
+        check_positive(self, "cuda_stack_bytes", allow_zero=True)
         check_positive(self, "drain_seconds", "stats_log_s", "vocoder_urgent_slack_s", "vocoder_urgent_fill",
                        allow_zero=True)
         check_positive(self, "vocoder_max_defer_ms")

@@ -86,3 +86,26 @@ def test_services_section_on_cpu_tiny(demo_tiny_dir, tmp_path):
         assert 0 < voc["busy_frac"] <= 1.0 and "queue_wait_ms" in voc["mean"]
         assert tok["lines"] >= 1 and tok["delta"]["tokens"] > 0 and tok["per_s"]["steps"] > 0, tok
     assert all(v > 0 for v in svc["rss_MB"]["end"].values())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_services_section_colocated_on_cpu_tiny(demo_tiny_dir, tmp_path):
+    """--colocate: one process serves both; its memory is both services' total; stats split per service."""
+    results: dict = {}
+    services_section(demo_tiny_dir, [1], results, device="cpu", max_new_tokens=10, c1_requests=2, level_time_s=10,
+                     log_dir=tmp_path, ready_timeout_s=180, stats_log_s=0.5, key="services_colocated",
+                     vocoder_flags=["--max-batch", "4"], colocate=True)
+    svc = results["services_colocated"]
+    assert svc["config"]["colocate"] is True
+    assert svc["exit_codes"] == {"colocated": 0}
+    assert svc["c1"]["ok"] == 2 and svc["sweep"][1]["ok"] == svc["sweep"][1]["requests"] == 2
+    assert set(svc["gpu_mem_MB"]) == {"colocated", "total"}  # None values without nvidia-smi
+    assert set(svc["rss_MB"]["end"]) == {"colocated"}
+    for level in (svc["c1"], svc["sweep"][1]):  # one log, cut by logger into each service's statistics
+        voc, tok = level["engine_stats"]["vocoder_service"], level["engine_stats"]["token_service"]
+        assert voc["lines"] >= 1 and voc["mean"]["push_rows"] >= 1 and voc["delta"]["opened_sessions"] > 0, voc
+        assert tok["lines"] >= 1 and tok["per_s"]["steps"] > 0, tok
+        assert "opened_sessions" not in tok["delta"] and "push_rows" not in tok.get("mean", {}), tok
+    with pytest.raises(ValueError, match="cannot apply to the vocoder alone"):
+        services_section(demo_tiny_dir, [1], {}, device="cpu", vocoder_env={"X": "1"}, colocate=True)

@@ -203,8 +203,14 @@ def check_attention():
     cfg = T3Config.preset("tiny")
     C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
     tile = td.TILE_ELEMS
-    for positions, td_tile in (([150], tile), ([0, 5, 150, 77], tile), ([0, 5, 150, 77], 256)):
+    saved = td.BLOCK_L, td.ATTN_BALANCED, td.ATTN_SMALL_BLOCK
+    cases = [(p, t, False) for p, t in (([150], tile), ([0, 5, 150, 77], tile), ([0, 5, 150, 77], 256))]
+    cases += [(p, tile, True) for p in ([150], [0, 1, 7, 9, 130])]  # balanced splits: shares not whole tiles
+    cases += [([0, 5, 150, 77, 40], tile, "small")]  # BLOCK_L 32, small tiles of 16 for shares of <= 16
+    for positions, td_tile, balanced in cases:
         td.TILE_ELEMS = td_tile  # 256: the merge runs in 16-wide K chunks (a quarter head each)
+        td.ATTN_BALANCED = bool(balanced)
+        td.BLOCK_L, td.ATTN_SMALL_BLOCK = (32, 16) if balanced == "small" else (64, 0)
         B = len(positions)
         pos = torch.tensor(positions)
         cache = _random_cache(cfg, B + 1, 200)
@@ -221,7 +227,7 @@ def check_attention():
         for b, p in enumerate(positions):
             ref = F.scaled_dot_product_attention(q[b][:, None], want_k[b, :, :p + 1], want_v[b, :, :p + 1])
             torch.testing.assert_close(y[b].view(H, D), ref[:, 0], **KERNEL_TOL)
-    td.TILE_ELEMS = tile
+    td.TILE_ELEMS, (td.BLOCK_L, td.ATTN_BALANCED, td.ATTN_SMALL_BLOCK) = tile, saved
 
 
 def check_fused_step():
@@ -230,11 +236,14 @@ def check_fused_step():
     from token_service.t3 import triton_decode as td
     from token_service.t3.generate import decode_step
 
-    td.BLOCK_L = 16
+    saved = td.BLOCK_L, td.ATTN_BALANCED, td.ATTN_SMALL_BLOCK
     model = _tiny_model()
     ref_model = _tiny_model()  # untouched layout: the reference path
     fd = td.FusedDecode(model)
-    for B, positions in ((1, [233]), (3, [3, 101, 250])):
+    for B, positions, balanced in ((1, [233], False), (3, [3, 101, 250], False), (3, [3, 101, 250], True),
+                                   (3, [3, 101, 250], "small")):
+        td.ATTN_BALANCED = bool(balanced)
+        td.BLOCK_L, td.ATTN_SMALL_BLOCK = (32, 16) if balanced == "small" else (16, 0)
         c_ref = _random_cache(model.cfg, 4, 300)
         c_got = _copy_cache(c_ref)
         tok, pos = torch.randint(0, 6561, (B,)), torch.tensor(positions)
@@ -248,7 +257,7 @@ def check_fused_step():
                 tok, pos = ref.argmax(-1), pos + 1
         for a, b in zip(c_ref.k + c_ref.v, c_got.k + c_got.v):
             torch.testing.assert_close(b, a, **KERNEL_TOL)
-    td.BLOCK_L = 64
+    td.BLOCK_L, td.ATTN_BALANCED, td.ATTN_SMALL_BLOCK = saved
 
 
 def check_runner_greedy():
@@ -587,8 +596,10 @@ def test_kernels_compile_for_h100():
         pdl = {k: v for k, v in pdl.items() if k != "PREFETCH"}
         sig = dict(qkv_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", pm_ptr="*fp32", pl_ptr="*fp32",
                    pacc_ptr="*fp32", C="i32", H="i32", stride_b="i32", stride_h="i32", scale="fp32",
-                   D="constexpr", SPLITS="constexpr", BLOCK="constexpr", PDL="constexpr", TRIGGER="constexpr")
-        k = _compile_for_h100(td._attn_kernel, sig, dict(D=D, SPLITS=td.KV_SPLITS, BLOCK=td.BLOCK_L, **pdl),
+                   D="constexpr", SPLITS="constexpr", BLOCK="constexpr", SMALL="constexpr", BALANCED="constexpr",
+                   PDL="constexpr", TRIGGER="constexpr")
+        k = _compile_for_h100(td._attn_kernel, sig, dict(D=D, SPLITS=td.KV_SPLITS, BLOCK=td.BLOCK_L,
+                                                         SMALL=td.ATTN_SMALL_BLOCK, BALANCED=td.ATTN_BALANCED, **pdl),
                               dict(C=C, H=H, stride_b=8 * H * 2048 * D, stride_h=2048 * D), td.ATTN_WARPS)
         assert "ld.global.v4" in k.asm["ptx"]
         _check_pdl_ptx(k.asm["ptx"], pdl, prefetch=False)

@@ -68,6 +68,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tts_common.cuda_capture import capture_error_mode, exclusive_capture
+
 from ..t3.compiled import COMPILE_MODES, CompiledDecode
 from ..t3.config import START_SPEECH
 from ..t3.generate import decode_step, prefill
@@ -435,6 +437,7 @@ class ModelRunner:
         last = hidden.gather(1, lens[:, None, None].expand(n_rows, 1, hidden.shape[-1]))[:, 0]  # (rows, C)
         self.pf_logits[:n_rows].copy_(m.speech_logits(last))
 
+    @exclusive_capture  # co-located mode: one capture at a time per process (tts_common/cuda_capture.py)
     @torch.inference_mode()
     def capture_prefill_graphs(self) -> None:
         """One CUDA graph per (staging rows, length bucket); the slot copies stay outside."""
@@ -449,7 +452,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         for nb, b in reversed(keys):
             cg = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cg, pool=self._pool):
+            with torch.cuda.graph(cg, pool=self._pool, capture_error_mode=capture_error_mode()):
                 self._prefill_body(nb, b)
             self._pool = cg.pool()
             self.prefill_graphs[(nb, b)] = cg
@@ -757,6 +760,7 @@ class ModelRunner:
         self.seen[rows] = False
 
     # ------------------------------------------------------------------ CUDA graphs (CUDA only)
+    @exclusive_capture
     @torch.inference_mode()
     def capture_graphs(self, g: SlotGroup) -> None:
         """Capture group ``g``'s decode step (top-k fast path) for every (batch bucket, KV bucket).
@@ -774,7 +778,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         for n, kv_len in reversed(keys):  # largest first so the pool fits the rest
             cg = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cg, pool=self._pool):
+            with torch.cuda.graph(cg, pool=self._pool, capture_error_mode=capture_error_mode()):
                 self._decode_body(g, n, kv_len)
             self._pool = cg.pool()
             g.graphs[(n, kv_len)] = cg

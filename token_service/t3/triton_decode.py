@@ -90,7 +90,19 @@ from .model import KVCache, T3Model
 # (bench/profile_decode.py --triton-set NAME=VALUE); first guesses for an H100, not yet measured.
 MAX_BATCH = 8  # largest batch bucket the fused step serves (register tiles scale with it)
 KV_SPLITS = 8  # attention programs per (row, head), a power of two: B=1 x 16 heads x 8 = 128 ~ one per SM
-BLOCK_L = 64  # cache positions per attention loop iteration, a power of two (64 x D=64 bf16 keys: 8 KB)
+# Attention tiles. H100, logits graph replay at batch 1 (bench/NOTES.md runs 56-58), KV 450 / 512 / 768 / 1024:
+# 64-position tiles, shares rounded to whole tiles, 4 warps (the old defaults): 0.567 / 0.567 / 0.614-0.616 /
+# 0.620 ms (a second tile per split once positions pass 512); 128-position tiles, balanced shares, 8 warps:
+# - / 0.577 / 0.579 / 0.587; the same with 64-position tiles for shares <= 64: 0.565 / - / 0.577 / -.
+# Whole engine, 300-token utterances (positions ~400-700), overlapped: 1474 -> 1533 tokens/s (run 58).
+BLOCK_L = 128  # cache positions per attention loop iteration, a power of two (128 x D=64 bf16 keys: 16 KB)
+# attention splits: True = each split takes cdiv(positions, KV_SPLITS) positions (all splits busy, one loop
+# iteration while positions <= KV_SPLITS x BLOCK_L); False = shares rounded up to whole BLOCK_L tiles (with
+# 64-position tiles at 768 positions: 6 splits walk two tiles, 2 idle)
+ATTN_BALANCED = True
+# a split whose share is at most this many positions reads it as one tile of this size instead of BLOCK_L
+# (0 = off; only used when smaller than BLOCK_L): small tiles for short caches, large ones for long
+ATTN_SMALL_BLOCK = 64
 MAX_BLOCK_N = 16  # most weight rows per GEMV program
 MIN_PROGRAMS = 264  # GEMV programs wanted (2 per H100 SM): BLOCK_N halves until cdiv(N, BLOCK_N) reaches it
 # the out-projection GEMV re-merges all S attention partials of its rows in every program
@@ -100,7 +112,7 @@ MERGE_MIN_PROGRAMS = 128
 # at 4 warps; at batch 1 a (BLOCK_N, BLOCK_K) bf16 weight tile of 8 KB in flight per program
 TILE_ELEMS = 8192
 GEMV_WARPS = 8  # H100, batch-1 logits: 0.679 ms at 4 warps / 4096 elements, 0.631 at 8 / 8192 (tune_triton_decode.py)
-ATTN_WARPS = 4
+ATTN_WARPS = 8  # with 128-position tiles (4: 0.589 vs 0.579 ms at KV 768)
 MAX_LN_WIDTH = 4096  # LayerNorm prologue holds B x K fp32 row values in registers (8 x 4096 / 128 threads)
 # Programmatic dependent launch (module docstring). H100 (bench/NOTES.md run 48, logits graph replay, KV 512):
 # batch 1: no PDL 0.626 ms; PDL "end" 0.561 without the prefetch, 0.636 with it; "start" + prefetch 0.597;
@@ -299,9 +311,33 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
 
     @triton.jit
+    def _attn_span(q, k_ptr, v_ptr, lo, hi, scale, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Online softmax of ``q (D,)`` fp32 over cache positions ``[lo, hi)`` of one (row, head):
+        ``k_ptr``/``v_ptr`` point at its ``(L, D)`` rows; ``BLOCK`` positions per iteration.
+        Returns ``m (1,)``, ``l (1,)``, ``acc (D,)`` (fp32, ``acc`` un-normalised; ``-inf, 0, 0``
+        for an empty span)."""
+        d = tl.arange(0, D)
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK):
+            ll = start + tl.arange(0, BLOCK)
+            lm = ll < hi
+            kt = tl.load(k_ptr + ll[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
+            vt = tl.load(v_ptr + ll[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
+            sc = tl.where(lm, tl.sum(kt * q[None, :], 1) * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * vt, 0)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
     def _attn_kernel(qkv_ptr, k_ptr, v_ptr, pos_ptr, pm_ptr, pl_ptr, pacc_ptr, C, H, stride_b, stride_h, scale,
-                     D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
-                     TRIGGER: tl.constexpr):
+                     D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, SMALL: tl.constexpr,
+                     BALANCED: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr):
         """Split ``s`` of (row ``b``, head ``h``): online softmax over its share of cache positions
         ``< positions[b]``; split 0 adds the new token from registers and writes its key/value into the
         caches ``(slots, H, L, D)`` at ``positions[b]``. Stores the partial ``m, l (B, H, S)``,
@@ -320,24 +356,19 @@ if triton is not None:
         base = qkv_ptr + b * 3 * C + h * D
         q = tl.load(base + d).to(tl.float32)
         cache = b * stride_b + h * stride_h
-        chunk = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK) * BLOCK
+        if BALANCED:
+            chunk = tl.cdiv(pos, SPLITS)
+        else:
+            chunk = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK) * BLOCK
         lo = s * chunk
         hi = tl.minimum(lo + chunk, pos)
-        m_i = tl.full([1], float("-inf"), tl.float32)
-        l_i = tl.zeros([1], dtype=tl.float32)
-        acc = tl.zeros([D], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK):
-            ll = start + tl.arange(0, BLOCK)
-            lm = ll < hi
-            kt = tl.load(k_ptr + cache + ll[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
-            vt = tl.load(v_ptr + cache + ll[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
-            sc = tl.where(lm, tl.sum(kt * q[None, :], 1) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * vt, 0)
-            m_i = m_new
+        if SMALL > 0:
+            if hi - lo <= SMALL:  # a share that fits one small tile (shorter caches)
+                m_i, l_i, acc = _attn_span(q, k_ptr + cache, v_ptr + cache, lo, hi, scale, D, SMALL)
+            else:
+                m_i, l_i, acc = _attn_span(q, k_ptr + cache, v_ptr + cache, lo, hi, scale, D, BLOCK)
+        else:
+            m_i, l_i, acc = _attn_span(q, k_ptr + cache, v_ptr + cache, lo, hi, scale, D, BLOCK)
         if PDL:
             if TRIGGER == 2:
                 gdc_launch_dependents()
@@ -456,7 +487,9 @@ def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, 
     consts, opts = _pdl_launch(pdl)
     _attn_kernel[(B, n_head, acc.shape[2])](qkv, k_cache, v_cache, positions, m, l, acc, C, n_head,
                                             k_cache.stride(0), k_cache.stride(1), 1.0 / D ** 0.5,
-                                            D=D, SPLITS=acc.shape[2], BLOCK=BLOCK_L, num_warps=ATTN_WARPS,
+                                            D=D, SPLITS=acc.shape[2], BLOCK=BLOCK_L,
+                                            SMALL=ATTN_SMALL_BLOCK if 0 < ATTN_SMALL_BLOCK < BLOCK_L else 0,
+                                            BALANCED=bool(ATTN_BALANCED), num_warps=ATTN_WARPS,
                                             **consts, **opts)
     return partials
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tts_common.config import ConfigError
+from tts_common.gpu_memory import limit_cuda_stack
 from vocoder_service.engine.engine import VocoderEngine
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,9 @@ def load_engine(cfg) -> VocoderEngine:
     from vocoder_service.s3gen.accel import parse_dtype, prepare_s3gen
 
     device = resolve_device(cfg.device)
+    stack = limit_cuda_stack(int(getattr(cfg, "cuda_stack_bytes", 0)), str(device))
+    if stack is not None:
+        log.info("CUDA stack limit set", extra={"cuda_stack_bytes": stack})
     dtype = getattr(cfg, "dtype", "auto")
     graphs = bool(getattr(cfg, "cuda_graphs", False))
     try:

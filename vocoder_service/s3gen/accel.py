@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 import torch
 
+from tts_common.cuda_capture import capture_error_mode, exclusive_capture
+
 log = logging.getLogger(__name__)
 
 DTYPES = {
@@ -115,6 +117,7 @@ class CudaGraphCache:
             return static_out.clone()
         return tuple(o.clone() for o in static_out)
 
+    @exclusive_capture  # co-located mode: one capture at a time per process (tts_common/cuda_capture.py)
     def _capture(self, key: tuple, args: tuple[torch.Tensor, ...], consts: dict):
         static_in = [a.clone() for a in args]
         try:
@@ -125,7 +128,7 @@ class CudaGraphCache:
                     self.fn(*static_in, **consts)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.shared.pool()):
+            with torch.cuda.graph(graph, pool=self.shared.pool(), capture_error_mode=capture_error_mode()):
                 static_out = self.fn(*static_in, **consts)
         except Exception as exc:  # noqa: BLE001 - any capture failure: run this shape eagerly
             log.warning("CUDA graph capture of %s for %s failed (%s: %s); running it eagerly",

@@ -368,3 +368,11 @@ def test_service_setting_reaches_the_engine_config(monkeypatch, demo_tiny_dir):
         assert seen[-1].kv_first_group == want
     with pytest.raises(ConfigError, match="kv_first_group"):
         load_config(TokenServiceConfig, ["--kv-first-group", "-1"], {}, model_dir=str(demo_tiny_dir))
+    assert seen[-1].prefill_rows == 4  # --prefill-rows / TTS_PREFILL_ROWS: staged prefill rows
+    for argv, env, want in ((["--prefill-rows", "1"], {}, 1), ([], {"TTS_PREFILL_ROWS": "2"}, 2)):
+        load_engine(load_config(TokenServiceConfig, argv, env, model_dir=str(demo_tiny_dir)))
+        assert seen[-1].prefill_rows == want
+    with pytest.raises(ConfigError, match="prefill_rows"):
+        load_config(TokenServiceConfig, ["--prefill-rows", "0"], {}, model_dir=str(demo_tiny_dir))
+    with pytest.raises(ConfigError, match="cuda_stack_bytes"):
+        load_config(TokenServiceConfig, ["--cuda-stack-bytes", "-1"], {}, model_dir=str(demo_tiny_dir))
