@@ -57,6 +57,22 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _wall_ms(setup, run, n: int, teardown=None) -> list[float]:
+    """``n`` wall times (ms) of ``run()``, each after ``setup()`` (and followed by ``teardown()``),
+    synchronised before and after."""
+    walls = []
+    for _ in range(n):
+        setup()
+        _sync()
+        t = time.perf_counter()
+        run()
+        _sync()
+        walls.append(1000 * (time.perf_counter() - t))
+        if teardown is not None:
+            teardown()
+    return walls
+
+
 def _graph_replays(model) -> int:
     g = getattr(model, "graphs", None)
     if g is None:
@@ -195,14 +211,7 @@ def profile_pushes(args) -> None:
     results = {}
     for name, make in (("first_chunk", first_chunk_case), ("steady_25", steady_case)):
         setup, run = make()
-        walls = []
-        for _ in range(n):  # wall: no profiler, no dispatch mode
-            setup()
-            _sync()
-            t = time.perf_counter()
-            run()
-            _sync()
-            walls.append(1000 * (time.perf_counter() - t))
+        walls = _wall_ms(setup, run, n)  # wall: no profiler, no dispatch mode
         setup()
         r0 = _graph_replays(model)
         ops = _count_eager_ops(run)
@@ -561,15 +570,7 @@ def profile_batched(args) -> None:
     results = {"info": info}
     for name in wanted:
         setup, run, teardown = cases[name]()
-        walls = []
-        for _ in range(n):
-            setup()
-            _sync()
-            t = time.perf_counter()
-            run()
-            _sync()
-            walls.append(1000 * (time.perf_counter() - t))
-            teardown()
+        walls = _wall_ms(setup, run, n, teardown)
         wall = statistics.median(walls)
         audio_s = B * (25 if name == "steady" else 4) * model.cfg.samples_per_token / model.cfg.sample_rate
         res = {"wall_ms_median": round(wall, 3), "wall_ms_min": round(min(walls), 3),
