@@ -15,6 +15,12 @@ host -> device copy when the source lives on the host, a host sync for device da
 also counts what the real cache does around a replay: one ``copy_`` per input, one ``clone``
 per output. Written to run in older trees too (missing attributes are skipped).
 
+Also counted: a session's open (``StreamingSession(...)``, ``open_first`` / ``open_again``: the first
+and a later session of a voice loaded on the host, as ``load_vocoder`` loads it). A ``.to(device)``
+of host data counts as a fresh copy, as on a GPU; but a tree whose per-voice device cache skips
+``.to`` when the data is already on the model's device makes no copy at all on CPU, where on a GPU
+the voice's first open copies each voice tensor once.
+
 Host vs device, on a CPU-only run: tensors are tagged "device" when they are the model's
 parameters / buffers or the voice, come out of ``.to(device)`` or a factory call given an explicit
 ``device=``, or come out of an op with a device-tagged input; everything else is host data. So
@@ -272,7 +278,45 @@ def main() -> None:
         for k, v in m.sites.most_common(args.top):
             print(f"   {v:4d}  {k}")
 
+    def measure_open() -> None:
+        m = MODE
+        host_voice = VoiceCond(*(t.clone() for t in (voice.prompt_token, voice.prompt_feat, voice.embedding)))
+        for t in (host_voice.prompt_token, host_voice.prompt_feat, host_voice.embedding):
+            m.device_tensors.pop(t, None)  # host data (a clone of device-tagged data is tagged)
+        plain_to = torch.Tensor.to
+
+        def fresh_to(self, *a, **k):  # on a GPU, .to(device) of host data is a new tensor every time
+            host = not m.is_dev(self)
+            out = plain_to(self, *a, **k)
+            if out is self and host and _has_device((self, *a), k):
+                m.device_tensors.pop(self, None)  # the host tensor stays host data
+                m.inside += 1
+                try:
+                    out = self.detach().clone()
+                finally:
+                    m.inside -= 1
+                m.tag(out)
+            return out
+
+        torch.Tensor.to = fresh_to
+        try:
+            for label in ("open_first", "open_again"):
+                m.reset()
+                m.counting = True
+                streaming.StreamingSession(model, host_voice, seed=7).close()
+                m.counting = False
+                res = {"eager_aten_ops": sum(m.ops.values()), "device_ops": m.device_ops, "host_ops": m.host_ops,
+                       "ops": dict(m.ops.most_common()), "transfers_and_syncs": dict(m.calls.most_common())}
+                results[label] = res
+                print(f"== {label} (a host-loaded voice's {'first' if label == 'open_first' else 'next'} session): "
+                      f"{res['eager_aten_ops']} aten ops = {m.device_ops} device + {m.host_ops} host")
+                for k, v in m.calls.most_common():
+                    print(f"   {v:4d}  {k}")
+        finally:
+            torch.Tensor.to = plain_to
+
     with MODE:
+        measure_open()
         sessions = [streaming.StreamingSession(model, voice, seed=i) for i in range(B)]
         measure("first_chunk", sessions, [t[:7] for t in toks])
         streaming.push_batch(sessions, [t[7:78] for t in toks])  # past the growing chunks: 75 committed

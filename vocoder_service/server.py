@@ -1,6 +1,7 @@
 """`tts-vocoder-service`: the gRPC VocoderService around the streaming vocoder engine.
 
-One ``Vocode`` stream = one engine session: config first (voice, seed), then token chunks; each chunk
+One ``Vocode`` stream = one engine session: config first (voice, seed; the session's backend is opened
+at once, ``session.prepare()``, off the first chunk's path), then token chunks; each chunk
 is pushed to the session and whatever audio became final is sent back at once (float32, 24 kHz), then
 ``finish()`` sends the rest. The handler is an async generator (the OpenTelemetry aio interceptor and
 grpc's own bookkeeping both behave with that form); a cancelled or failed stream closes its session in
@@ -95,6 +96,9 @@ class VocoderServicer(vocoder_service_pb2_grpc.VocoderServiceServicer):
                 except UnknownVoiceError as exc:
                     await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
                 span.set_attribute("tts.voice", session.voice)
+                prepare = getattr(session, "prepare", None)
+                if prepare is not None:  # open the backend now, while the first tokens are being made
+                    prepare()
                 seq = 0
                 async for req in request_iterator:
                     kind = req.WhichOneof("kind")

@@ -9,6 +9,15 @@ The S3Gen streaming session (``vocoder_service.s3gen.streaming.StreamingSession`
     audio = await session.finish()          # the rest; 960 samples per token in total
     session.close()                         # idempotent, frees the slot at once
 
+Early open (issue 6, time to first audio): ``session.prepare()`` (the server calls it when a stream's
+config arrives) queues the backend open to the worker at once, so it runs while the first tokens
+are still being generated instead of inside the first push's step. Open calls go first in a step
+(they are cheap), at most ``max_batch`` of them, and never delay a push: an open still pending when
+its session's first push (or close) is queued is dropped, and that call opens the backend as it
+would without ``prepare()``. A failed early open is kept and raised by the session's next
+push / finish (the same error as without it); a session closed before its first push has its
+backend released on the worker (after the open's step, if the open was running).
+
 Scheduling: calls from all sessions go to one queue. A scheduler task builds a *step* from what is
 pending (at most one call per session, so each session's calls run in the order they were made; at
 most ``max_batch`` push / finish calls; closes always go, they cost nothing) and runs it on a single
@@ -47,11 +56,13 @@ as one batch, its finishes as another). Besides the session counters, ``stats()`
 percentiles over the last ``stats_window_s`` seconds):
 
 * ``step_ms`` — worker wall time of each worker step; ``push_ms`` / ``finish_ms`` — its push batch /
-  finish batch part; ``open_ms`` — opening a backend session (first call of a session).
+  finish batch part; ``open_ms`` — opening a backend session (its ``prepare()`` open, or else its
+  first call); ``early_opens`` (a counter) — the opens that ran ahead of the session's first call.
 * ``push_rows`` / ``finish_rows`` — sessions in a step's push / finish batch (steps with none add no
   value); ``push_tokens`` — tokens per pushed row.
-* ``queue_wait_ms`` — per call: from ``push()`` / ``finish()`` handing it to the engine to its worker
-  step starting (waiting for the step before it, plus the hand-off).
+* ``queue_wait_ms`` — per push / finish call: from ``push()`` / ``finish()`` handing it to the engine
+  to its worker step starting (waiting for the step before it, plus the hand-off); open calls are
+  not counted.
 * ``idle_ms`` — the worker's gap between the end of one step and the start of the next;
   ``handoff_ms`` — the part of that gap during which a call of the next step was already queued
   (work waiting while the worker sat idle: event-loop / scheduling overhead).
@@ -125,7 +136,7 @@ FinishBatch = Callable[[list[BackendSession]], list[np.ndarray]]
 @dataclass
 class _Call:
     session: "VocoderSession"
-    op: str  # "push" | "finish" | "close"
+    op: str  # "push" | "finish" | "close" | "open" (``prepare()``: no future, errors go to the session)
     tokens: list[int] = field(default_factory=list)
     future: asyncio.Future | None = None
     queued: float = 0.0  # perf_counter() when handed to the engine (statistics)
@@ -137,7 +148,7 @@ class VocoderEngine:
 
     Args:
         open_backend: ``(voice, seed) -> BackendSession``; called on the worker thread at a session's
-            first call (so opening costs nothing on the event loop).
+            ``prepare()`` or else its first call (so opening costs nothing on the event loop).
         voices: names of the loaded voices; the first is the default.
         step_batch: optional batched push over several backend sessions.
         finish_batch: optional batched finish over several backend sessions.
@@ -178,6 +189,7 @@ class VocoderEngine:
         self._max_defer = float(max_defer_s)
         self._clock = clock
         self._aged = 0
+        self._early_opens = 0
         self._open_backend = open_backend
         self._voices = list(voices)
         self._step_batch = step_batch
@@ -227,6 +239,7 @@ class VocoderEngine:
                 "batched_steps": self._batched_steps,
                 "tokens": self._tokens,
                 "aged_rows": self._aged,
+                "early_opens": self._early_opens,
                 "t": round(time.time(), 3),
                 "worker_steps": self._timing["step_ms"].n,
                 "busy_s": round(self._timing["step_ms"].sum, 4),
@@ -267,8 +280,10 @@ class VocoderEngine:
             self._loop = loop
             self._wake = asyncio.Event()
             self._scheduler = loop.create_task(self._schedule(), name="vocoder-scheduler")
-        if call.op != "close":
+        if call.op not in ("close", "open"):
             call.future = loop.create_future()
+        if call.op in ("push", "finish"):
+            call.session._prepared = True  # the session's own calls open the backend from now on
         call.queued = time.perf_counter()
         call.since = self._clock()
         self._pending.append(call)
@@ -308,18 +323,26 @@ class VocoderEngine:
     def _select(self) -> list[_Call]:
         """The next step's calls, taken out of ``_pending`` (the rest stay, in order); see the
         module docstring. Drops calls whose caller gave up (cancelled) before they ran."""
-        heads, closes, seen = [], [], set()
+        heads, closes, opens, folded, seen = [], [], [], [], set()
+        # an open is its session's first call: with any other call of the session queued it is
+        # folded into that call (which opens the backend itself), so it never delays a push
+        busy = {id(c.session) for c in self._pending if c.op != "open"}
         for call in self._pending:
+            if call.op == "open":
+                (folded if id(call.session) in busy else opens).append(call)
+                continue
             if id(call.session) in seen:  # one call per session per step keeps each session's calls in order
                 continue
             if call.future is not None and call.future.done():
                 continue  # caller gave up (cancelled) before it ran
             seen.add(id(call.session))
             (closes if call.op == "close" else heads).append(call)
+        opens = opens[:self._max_batch]  # the rest stay queued for the next step
+        first = closes + opens  # cheap: they go first, outside the push / finish rows
         if self._urgent_slack <= 0:  # FIFO
             take = heads[:self._max_batch]
-            self._keep_pending(closes + take)
-            return closes + take
+            self._keep_pending(first + folded + take)
+            return first + take
         now = self._clock()
         keyed = []
         aged = 0
@@ -339,13 +362,13 @@ class VocoderEngine:
             take += others[:min(self._fill, self._max_batch - len(take))]
         else:
             take = others[:self._max_batch]
-        self._keep_pending(closes + take)
+        self._keep_pending(first + folded + take)
         if take:
             with self._lock:
                 self._aged += min(aged, len(take))
                 self._timing["urgent_rows"].add(min(len(urgent), self._max_batch))
                 self._timing["deferred_rows"].add(len(heads) - len(take))
-        return closes + take
+        return first + take
 
     def _keep_pending(self, taken: list[_Call]) -> None:
         """``_pending`` without the ``taken`` calls and those whose caller gave up, in submit order."""
@@ -368,7 +391,21 @@ class VocoderEngine:
             if call.op == "close":
                 s._release_backend()
                 continue
+            if call.op == "open":  # prepare(): open now, keep a failure for the session's next call
+                if s._backend is None and s._open_error is None and not s._closed:
+                    t0 = time.perf_counter()
+                    try:
+                        s._backend = self._open_backend(s.voice, s.seed)
+                    except Exception as exc:  # noqa: BLE001 - raised by the next push / finish
+                        s._open_error = exc
+                    opens.append(time.perf_counter() - t0)
+                    with self._lock:
+                        self._early_opens += 1
+                continue
             if s._backend is None:
+                if s._open_error is not None:  # the early open failed: this call fails with its error
+                    results[i] = s._open_error
+                    continue
                 t0 = time.perf_counter()
                 try:
                     s._backend = self._open_backend(s.voice, s.seed)
@@ -413,7 +450,7 @@ class VocoderEngine:
                      rows: dict[str, list[int]], part_s: dict[str, float]) -> None:
         """Worker thread: one worker step's figures into the statistics (module docstring). ``rows``:
         the batch indices of the step's push / finish part; ``part_s``: each part's wall seconds."""
-        calls = [c for c in batch if c.op != "close"]
+        calls = [c for c in batch if c.op != "close"]  # work (pushes, finishes, opens)
         tm = self._timing
         with self._lock:
             prev_end, self._worker_end = self._worker_end, end
@@ -424,7 +461,8 @@ class VocoderEngine:
                     first = min(c.queued for c in calls)
                     tm["handoff_ms"].add(max(0.0, start - max(prev_end, first)))
             for c in calls:
-                tm["queue_wait_ms"].add(max(0.0, start - c.queued))
+                if c.op != "open":
+                    tm["queue_wait_ms"].add(max(0.0, start - c.queued))
             for dt in opens:
                 tm["open_ms"].add(dt)
             if rows["push"]:
@@ -474,6 +512,8 @@ class VocoderSession:
         self.voice = voice
         self.seed = seed
         self._backend: BackendSession | None = None
+        self._open_error: Exception | None = None  # a failed prepare() open, raised by the next call
+        self._prepared = False
         self._closed = False
         self._finished = False
         self._order = asyncio.Lock()
@@ -499,6 +539,16 @@ class VocoderSession:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def prepare(self) -> None:
+        """Open the backend session now, on the worker, ahead of the first push (module docstring:
+        early open). Returns at once (call it from the engine's event loop); idempotent, and a no-op
+        once the session has made a call or was closed. A failed open is raised by the next
+        ``push()`` / ``finish()``."""
+        if self._prepared or self._closed or self._backend is not None or self._finished:
+            return
+        self._prepared = True
+        self.engine._submit(_Call(self, "open"))
 
     async def push(self, token_ids: Sequence[int]) -> np.ndarray:
         """Add speech tokens (each < 6561); returns the audio that became final, float32 (N,)."""

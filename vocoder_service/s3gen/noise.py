@@ -29,6 +29,27 @@ def stream_keys(seeds: Tensor, stream: int) -> Tensor:
     return hash32(hash32(lo ^ 0x9E3779B9) ^ hash32(hi ^ (stream * 0x85EBCA6B & MASK32)))
 
 
+def _hash32_int(x: int) -> int:
+    """``hash32`` of one 32-bit value in plain Python (the same integer mix, so the same result)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, stream: int) -> int:
+    """``stream_keys`` of one seed as a Python int, hashed on the host without tensors (a session's
+    keys are constants: no device work, no host -> device copy to make them)."""
+    lo, hi = seed & MASK32, (seed >> 32) & MASK32
+    return _hash32_int(_hash32_int(lo ^ 0x9E3779B9) ^ _hash32_int(hi ^ (stream * 0x85EBCA6B & MASK32)))
+
+
+def _position(start: int, device) -> Tensor:
+    """(1,) int64 ``start`` on ``device`` (a fill kernel, not a pageable host -> device copy)."""
+    return torch.full((1,), int(start), dtype=torch.int64, device=device)
+
+
 def hashed_normal(keys: Tensor, start: Tensor, length: int, rows: int) -> Tensor:
     """Standard normals ``(B, rows, length)``: row ``b`` holds positions ``start[b] .. start[b]+length-1``.
 
@@ -59,25 +80,27 @@ class PositionalNoise:
         self.seed, self.n_mels, self.harmonics = int(seed), n_mels, harmonics
 
     def key(self, stream: int) -> int:
-        """This seed's 32-bit key of one noise stream, as a Python int (hashed once, on the host)."""
+        """This seed's 32-bit key of one noise stream, as a Python int (hashed once, on the host,
+        in plain Python: equal to ``stream_keys`` of this seed)."""
         cache = self.__dict__.setdefault("_key_cache", {})
         if stream not in cache:
-            cache[stream] = int(stream_keys(torch.tensor([self.seed], dtype=torch.int64), stream)[0])
+            cache[stream] = stream_key(self.seed, stream)
         return cache[stream]
 
     def _keys(self, stream: int, device) -> Tensor:
-        return stream_keys(torch.tensor([self.seed], dtype=torch.int64, device=device), stream)
+        """(1,) int64 key of ``stream`` on ``device``: a fill from the host-hashed key (no host ->
+        device copy, so no host sync on CUDA, and no hashing kernels)."""
+        return torch.full((1,), self.key(stream), dtype=torch.int64, device=device)
 
     def mel(self, start: int, end: int, device="cpu") -> Tensor:
         """Initial flow state for mel frames [start, end) (frame 0 = first prompt frame): (n_mels, n)."""
         n = max(0, end - start)
-        return hashed_normal(self._keys(MEL_STREAM, device), torch.tensor([start], device=device), n, self.n_mels)[0]
+        return hashed_normal(self._keys(MEL_STREAM, device), _position(start, device), n, self.n_mels)[0]
 
     def source_noise(self, start: int, end: int, device="cpu") -> Tensor:
         """Per-sample source noise for audio samples [start, end): (harmonics, n)."""
         n = max(0, end - start)
-        return hashed_normal(self._keys(SOURCE_STREAM, device), torch.tensor([start], device=device), n,
-                             self.harmonics)[0]
+        return hashed_normal(self._keys(SOURCE_STREAM, device), _position(start, device), n, self.harmonics)[0]
 
     def source_phase(self, device="cpu") -> Tensor:
         """Start phase per harmonic in [-pi, pi): (harmonics, 1)."""

@@ -42,6 +42,7 @@ Design (docs/ARCHITECTURE.md, "Vocoder streaming", has the measured numbers):
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Sequence
@@ -106,15 +107,19 @@ class StreamState:
 
 
 def new_state(model: S3GenModel, voice: VoiceCond, seed: int) -> StreamState:
+    """A new stream's state (the open of a session). Per-voice constants (the voice's tensors on
+    the model's device, their host prompt tokens, the speaker projection) come from caches filled
+    by the voice's first session; per-seed ones (noise keys, the prompt frames' noise, the source
+    start phases) are made on the device from host ints (fills, no host -> device copy): on CUDA
+    the open queues kernels and never waits for the GPU."""
     cfg = model.cfg
     if voice.n_prompt_frames != cfg.token_mel_ratio * voice.n_prompt_tokens:
         raise ValueError(f"voice prompt has {voice.n_prompt_frames} mel frames for {voice.n_prompt_tokens} tokens; "
                          f"streaming needs exactly {cfg.token_mel_ratio} per token")
-    voice = voice.to(model.device)
-    noise = PositionalNoise(seed, cfg.n_mels, cfg.hift_harmonics + 1)
-    with torch.inference_mode():
-        spk = model.flow.speaker(voice.embedding)
     n_mels, dev = cfg.n_mels, model.device
+    voice = _voice_on(voice, dev)
+    noise = PositionalNoise(seed, cfg.n_mels, cfg.hift_harmonics + 1)
+    spk = _speaker(model, voice.embedding)
     # constants of the session made at open, not in its first step (which the first audio waits for)
     for stream in (MEL_STREAM, SOURCE_STREAM):
         noise.key(stream)
@@ -126,6 +131,8 @@ def new_state(model: S3GenModel, voice: VoiceCond, seed: int) -> StreamState:
 
 
 _PROMPT_HOST = WeakTensorKeyDictionary()  # a voice's prompt tokens (on the device) -> their host copy
+_ON_DEVICE = WeakTensorKeyDictionary()  # a voice's host tensor -> {device: (host version, its copy there)}
+_SPEAKER = WeakTensorKeyDictionary()  # a voice's x-vector (on the device) -> (speaker weights' signature, spk)
 
 
 def _prompt_tokens_host(voice: VoiceCond) -> torch.Tensor:
@@ -135,6 +142,69 @@ def _prompt_tokens_host(voice: VoiceCond) -> torch.Tensor:
     if host is None:
         host = _PROMPT_HOST[t] = t[0].cpu()
     return host
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s in-place version counter (None for an inference tensor, which has none)."""
+    return None if t.is_inference() else t._version
+
+
+def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``t`` on ``dev``: itself when it is there, else its copy made by the first call (one copy per
+    tensor and device, not per session; made again if ``t`` was changed in place since)."""
+    if t.device == dev:
+        return t
+    copies = _ON_DEVICE.get(t)
+    if copies is None:
+        copies = _ON_DEVICE[t] = {}
+    hit = copies.get(dev)
+    if hit is not None and hit[0] == _version(t):
+        return hit[1]
+    copy = t.to(dev)
+    copies[dev] = (_version(t), copy)
+    return copy
+
+
+def _voice_on(voice: VoiceCond, dev: torch.device) -> VoiceCond:
+    """``voice.to(dev)`` through the per-tensor device cache; a host prompt is also recorded as the
+    device prompt's host copy (``_prompt_tokens_host`` then reads nothing back)."""
+    dev = torch.device(dev)
+    out = VoiceCond(_on(voice.prompt_token, dev), _on(voice.prompt_feat, dev), _on(voice.embedding, dev))
+    if out.prompt_token is not voice.prompt_token and voice.prompt_token.device.type == "cpu":
+        if out.prompt_token not in _PROMPT_HOST:
+            _PROMPT_HOST[out.prompt_token] = voice.prompt_token[0].clone()  # not a view: no cycle to the key
+    return out
+
+
+def _speaker_signature(model: S3GenModel) -> tuple:
+    """What the speaker projection depends on besides the x-vector: the flow object and its speaker
+    weights (the same tensors, storage, dtype, device and in-place version). Our ``TokenToMel`` keeps
+    them in ``spk_embed_affine_layer``; the exported graphs' flow (``GraphFlow``) in ``spk_weight`` /
+    ``spk_bias``."""
+    flow = model.flow
+    layer = getattr(flow, "spk_embed_affine_layer", None)
+    weights = list(layer.parameters()) if layer is not None else \
+        [t for t in (getattr(flow, "spk_weight", None), getattr(flow, "spk_bias", None)) if t is not None]
+    return (weakref.ref(flow),) + tuple((weakref.ref(p), p.data_ptr(), p.dtype, p.device, _version(p))
+                                        for p in weights)
+
+
+def _same_signature(a: tuple, b: tuple) -> bool:
+    return (len(a) == len(b) and a[0]() is b[0]()
+            and all(x[0]() is y[0]() and x[1:] == y[1:] for x, y in zip(a[1:], b[1:])))
+
+
+def _speaker(model: S3GenModel, embedding: torch.Tensor) -> torch.Tensor:
+    """(1, n_mels) ``model.flow.speaker(embedding)``, computed once per voice (x-vector tensor) and
+    speaker weights, not per session. Read-only: sessions share it."""
+    sig = _speaker_signature(model)
+    hit = _SPEAKER.get(embedding)
+    if hit is not None and _same_signature(hit[0], sig):
+        return hit[1]
+    with torch.inference_mode():
+        spk = model.flow.speaker(embedding)
+    _SPEAKER[embedding] = (sig, spk)
+    return spk
 
 
 def _to_device(parts: Sequence[torch.Tensor], dev) -> list[torch.Tensor]:
