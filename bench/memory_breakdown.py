@@ -30,6 +30,8 @@ import sys
 
 import torch
 
+from tts_common.gpu_memory import cuda_limits, limit_cuda_stack
+
 
 def smi_mb() -> float | None:
     """This process's GPU memory in MB as nvidia-smi reports it (None if it does not list us)."""
@@ -43,25 +45,6 @@ def smi_mb() -> float | None:
         if len(parts) == 2 and parts[0] == str(os.getpid()):
             return float(parts[1])
     return None
-
-
-CU_LIMITS = {"stack": 0x00, "printf_fifo": 0x01, "malloc_heap": 0x02}
-
-
-def cu_limits(set_stack: int | None = None) -> dict:
-    """The current context's limits (bytes), after setting the stack limit to ``set_stack`` if given."""
-    import ctypes
-
-    cu = ctypes.CDLL("libcuda.so.1")
-    if set_stack is not None:
-        rc = cu.cuCtxSetLimit(ctypes.c_int(CU_LIMITS["stack"]), ctypes.c_size_t(set_stack))
-        if rc != 0:
-            raise RuntimeError(f"cuCtxSetLimit(stack, {set_stack}) failed: CUresult {rc}")
-    out = {}
-    for name, code in CU_LIMITS.items():
-        v = ctypes.c_size_t()
-        out[name] = v.value if cu.cuCtxGetLimit(ctypes.byref(v), ctypes.c_int(code)) == 0 else None
-    return out
 
 
 def main() -> None:
@@ -85,8 +68,9 @@ def main() -> None:
     x = torch.zeros(1, device=dev)
     stage("context")
     if args.stack_bytes is not None:
-        print(json.dumps({"limits_before": cu_limits()}), flush=True)
-        limits = cu_limits(args.stack_bytes)
+        print(json.dumps({"limits_before": cuda_limits()}), flush=True)
+        limit_cuda_stack(args.stack_bytes, "cuda")
+        limits = cuda_limits()
         stage("stack_limit")
         rows[-1]["limits"] = limits
         print(json.dumps({"limits_after": limits}), flush=True)

@@ -21,7 +21,25 @@ def gpu_memory_mb() -> dict[str, float]:
             "peak_reserved_MB": round(torch.cuda.max_memory_reserved() / mb, 1)}
 
 
-CU_LIMIT_STACK_SIZE = 0x00  # CUlimit: per-thread stack bytes (driver API)
+CU_LIMITS = {"stack": 0x00, "printf_fifo": 0x01, "malloc_heap": 0x02}  # CUlimit codes (driver API), bytes
+
+
+def _libcuda():
+    import ctypes
+
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def cuda_limits() -> dict[str, int | None]:
+    """The current CUDA context's limits in bytes (``stack`` per thread, ``printf_fifo``,
+    ``malloc_heap``; None where the driver does not answer), read through ``libcuda``."""
+    import ctypes
+
+    cu, out = _libcuda(), {}
+    for name, code in CU_LIMITS.items():
+        v = ctypes.c_size_t()
+        out[name] = int(v.value) if cu.cuCtxGetLimit(ctypes.byref(v), ctypes.c_int(code)) == 0 else None
+    return out
 
 
 def limit_cuda_stack(nbytes: int, device: str = "auto") -> int | None:
@@ -49,10 +67,7 @@ def limit_cuda_stack(nbytes: int, device: str = "auto") -> int | None:
         return None
     with torch.cuda.device(dev):
         torch.zeros(1, device=dev)  # the primary context exists and is current on this thread
-        cu = ctypes.CDLL("libcuda.so.1")
-        rc = cu.cuCtxSetLimit(ctypes.c_int(CU_LIMIT_STACK_SIZE), ctypes.c_size_t(nbytes))
+        rc = _libcuda().cuCtxSetLimit(ctypes.c_int(CU_LIMITS["stack"]), ctypes.c_size_t(nbytes))
         if rc != 0:
             raise RuntimeError(f"cuCtxSetLimit(CU_LIMIT_STACK_SIZE, {nbytes}) failed with CUresult {rc}")
-        got = ctypes.c_size_t()
-        cu.cuCtxGetLimit(ctypes.byref(got), ctypes.c_int(CU_LIMIT_STACK_SIZE))
-    return int(got.value)
+        return cuda_limits()["stack"]

@@ -13,8 +13,9 @@ from torch import Tensor
 MASK32 = 0xFFFFFFFF
 
 
-def hash32(x: Tensor) -> Tensor:
-    """"lowbias32" (a 32-bit integer mix) on int64 tensors holding values in [0, 2**32)."""
+def hash32(x: Tensor | int) -> Tensor | int:
+    """"lowbias32" (a 32-bit integer mix) on int64 tensors holding values in [0, 2**32), or on one such
+    Python int (the same operations; Python ints do not wrap, the masks make the results equal)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & MASK32
     x = x ^ (x >> 15)

@@ -23,26 +23,17 @@ from tts_common.hashing import MASK32, bits_to_unit, hash32
 MEL_STREAM, SOURCE_STREAM, PHASE_STREAM = 1, 2, 3
 
 
-def stream_keys(seeds: Tensor, stream: int) -> Tensor:
-    """(B,) int64 seeds (any non-negative int64) -> (B,) 32-bit keys of one noise stream."""
+def stream_keys(seeds: Tensor | int, stream: int) -> Tensor | int:
+    """(B,) int64 seeds (any non-negative int64) -> (B,) 32-bit keys of one noise stream; a Python int
+    seed gives its key as a Python int (the same mix, :func:`hash32` on ints)."""
     lo, hi = seeds & MASK32, (seeds >> 32) & MASK32
     return hash32(hash32(lo ^ 0x9E3779B9) ^ hash32(hi ^ (stream * 0x85EBCA6B & MASK32)))
-
-
-def _hash32_int(x: int) -> int:
-    """``hash32`` of one 32-bit value in plain Python (the same integer mix, so the same result)."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
 
 
 def stream_key(seed: int, stream: int) -> int:
     """``stream_keys`` of one seed as a Python int, hashed on the host without tensors (a session's
     keys are constants: no device work, no host -> device copy to make them)."""
-    lo, hi = seed & MASK32, (seed >> 32) & MASK32
-    return _hash32_int(_hash32_int(lo ^ 0x9E3779B9) ^ _hash32_int(hi ^ (stream * 0x85EBCA6B & MASK32)))
+    return stream_keys(int(seed), stream)
 
 
 def _position(start: int, device) -> Tensor:
